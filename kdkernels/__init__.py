@@ -1,0 +1,20 @@
+"""kdkernels — fused GPU kernels for knowledge-distillation losses.
+
+Every logit loss is a preset of one engine spec, :class:`LogitDistill`; the method functions only fill
+it in. Backends: ``reference`` (plain PyTorch autograd), ``triton``, ``cuda`` and ``cpu`` (C++); see
+``python -m kdkernels.info``.
+"""
+from . import nn, reference
+from .dispatch import BACKENDS, BackendUnavailableError
+from .contrastive import info_nce, msd_contrastive_loss
+from .functional import (aekt_loss, dkd_loss, dtkd_loss, kd_loss, ldrld_loss, logit_distill,
+                         topkd_loss)
+from .spec import Decoupled, LogitDistill, RankRelation, TopKDecoupled, TopKScale
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS", "BackendUnavailableError", "Decoupled", "LogitDistill", "RankRelation",
+    "TopKDecoupled", "TopKScale", "aekt_loss", "dkd_loss", "dtkd_loss", "info_nce", "kd_loss",
+    "ldrld_loss", "logit_distill", "msd_contrastive_loss", "nn", "reference", "topkd_loss",
+]

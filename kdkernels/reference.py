@@ -1,0 +1,280 @@
+"""Pure-PyTorch references: the ground truth every fast backend is checked against.
+
+Each function is plain autograd over the formulas of ``losses.md`` (no hand-written backward), in
+float32 for 16/32-bit inputs and float64 for float64 inputs. :func:`logit_distill_rows` evaluates any
+:class:`~kdkernels.spec.LogitDistill` spec term by term; the method presets (kd, dkd, dtkd, ldrld, topkd,
+aekt) are only specs, built in :mod:`kdkernels.functional`.
+
+Masked classes: a ``-inf`` logit marks a class that does not exist in that row. The KL terms handle it
+through ``0·log 0 = 0``; standardisation statistics and TopKScale means are taken over the finite entries
+(``-inf`` stays ``-inf``); TDL drops masked classes from its dot products and picks its groups among
+finite entries first.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .spec import LogitDistill, RankRelation, TopKDecoupled, TopKScale
+
+#: added to the standard deviation before dividing (logit-standardization-KD's constant)
+STD_EPS = 1e-7
+#: lower bound of ‖u‖·‖v‖ in TDL's cosine (losses.md §6)
+COS_EPS = 1e-8
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 for float64 inputs, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks
+# ---------------------------------------------------------------------------------------------
+def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Σ_c p_c (log p_c − log q_c) per row, with 0·log 0 = 0 (so −inf entries are harmless)."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+
+
+def _log_softmax_masked(z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """log softmax over the classes where ``keep`` is True (others −inf): exact, no subtraction."""
+    return torch.log_softmax(z.masked_fill(~keep, -math.inf), dim=-1)
+
+
+def standardize(z: torch.Tensor) -> torch.Tensor:
+    """Z(z) = (z − mean)/(std + 1e-7) over the finite entries of each row (unbiased std).
+
+    A constant row has σ = 0; its std is defined through a safe square root so the gradient's second
+    term is 0 there (losses.md §3) instead of autograd's NaN.
+    """
+    live = z != -math.inf
+    n = live.sum(-1, keepdim=True).to(z.dtype)
+    zero = torch.zeros_like(z)
+    mean = torch.where(live, z, zero).sum(-1, keepdim=True) / n.clamp(min=1)
+    dev = torch.where(live, z - mean, zero)
+    var = (dev * dev).sum(-1, keepdim=True) / (n - 1).clamp(min=1)
+    pos = var > 0
+    std = torch.where(pos, torch.sqrt(torch.where(pos, var, torch.ones_like(var))), torch.zeros_like(var))
+    return torch.where(live, dev / (std + STD_EPS), torch.full_like(z, -math.inf))
+
+
+def ranked(x: torch.Tensor, k: int, descending: bool = True) -> torch.Tensor:
+    """Indices of the k best entries per row, best first; ties go to the lower index."""
+    return torch.sort(x.detach(), dim=-1, descending=descending, stable=True).indices[:, :k]
+
+
+def topk_scale(t: torch.Tensor, tsm: TopKScale, labels: Optional[torch.Tensor]) -> torch.Tensor:
+    """TopKD's TSM (losses.md §6) on teacher logits ``t`` [N, C]; ``labels`` already in range."""
+    N, C = t.shape
+    k = tsm.k
+    top = ranked(t, k)
+    in_top = torch.zeros_like(t, dtype=torch.bool).scatter(1, top, True)
+    live = t != -math.inf
+    zero = torch.zeros_like(t)
+    n_top = (live & in_top).sum(-1).clamp(min=1)
+    n_rest = (live & ~in_top).sum(-1).clamp(min=1)
+    mean_top = torch.where(live & in_top, t, zero).sum(-1) / n_top
+    mean_rest = torch.where(live & ~in_top, t, zero).sum(-1) / n_rest
+    shift = (tsm.shift * (mean_top - mean_rest)).unsqueeze(-1)
+    ranks = torch.arange(1, k + 1, device=t.device, dtype=t.dtype)
+    w = 1.0 + tsm.scale * (k - ranks + 1) / k
+    out = t.scatter(1, top, w * t.gather(1, top) + shift)
+    if labels is not None:
+        y = labels.unsqueeze(-1)
+        y_top = in_top.gather(1, y)
+        t_y = (1.0 + tsm.gt_scale) * t.gather(1, y) + shift
+        out = torch.where(y_top, out, out.scatter(1, y, t_y))
+    return out
+
+
+def _cos_term(s: torch.Tensor, t: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+    """1 − cos(s_G, t_G) per row for the group ``member`` (masked classes dropped)."""
+    keep = member & torch.isfinite(s) & torch.isfinite(t)
+    u = torch.where(keep, s, torch.zeros_like(s))
+    v = torch.where(keep, t, torch.zeros_like(t))
+    den = (torch.linalg.vector_norm(u, dim=-1) * torch.linalg.vector_norm(v, dim=-1)).clamp(min=COS_EPS)
+    return 1.0 - (u * v).sum(-1) / den
+
+
+def tdl_rows(s: torch.Tensor, t: torch.Tensor, tdl: TopKDecoupled) -> torch.Tensor:
+    """TopKD's TDL (losses.md §6): Pos/Neg/Non groups chosen by the transformed teacher ``t``."""
+    k = tdl.k
+    pos = torch.zeros_like(t, dtype=torch.bool).scatter(1, ranked(t, k), True)
+    # the k smallest among the classes not in Pos; masked (−inf) classes are taken last
+    neg_key = torch.where(pos | (t == -math.inf), torch.full_like(t, math.inf), t)
+    neg = torch.zeros_like(pos).scatter(1, ranked(neg_key, k, descending=False), True)
+    non = ~(pos | neg)
+    return (tdl.pos * _cos_term(s, t, pos) + tdl.neg * _cos_term(s, t, neg)
+            + tdl.non * _cos_term(s, t, non))
+
+
+def ldrld_pair_weights(rel: RankRelation, device=None, dtype=torch.float64) -> torch.Tensor:
+    """[k, k] table of w(r, r') for r < r' (zero elsewhere); ranks are 1-based."""
+    r = torch.arange(1, rel.k + 1, device=device, dtype=dtype)
+    w = rel.delta * torch.exp(-rel.lam * (r[:, None] + r[None, :])) / ((r[:, None] - r[None, :]).abs() + rel.eps)
+    return torch.triu(w, diagonal=1)
+
+
+def _bernoulli_kl(d_t: torch.Tensor, d_s: torch.Tensor) -> torch.Tensor:
+    """KL(Bern(σ(d_t)) ‖ Bern(σ(d_s))) in log space."""
+    p, one_m_p = torch.sigmoid(d_t), torch.sigmoid(-d_t)
+    a = torch.where(p > 0, p * (F.logsigmoid(d_t) - F.logsigmoid(d_s)), torch.zeros_like(p))
+    b = torch.where(one_m_p > 0, one_m_p * (F.logsigmoid(-d_t) - F.logsigmoid(-d_s)), torch.zeros_like(p))
+    return a + b
+
+
+def ldrld_rows(s, t, T, rel: RankRelation):
+    """(L_local, L_rest) per row for LDRLD (losses.md §5); ``T`` is [N, 1]."""
+    k = rel.k
+    idx = ranked(s if rel.rank_by == "student" else t, k)
+    zs, zt = s / T, t / T
+    s_top, t_top = zs.gather(1, idx), zt.gather(1, idx)
+    d_s = s_top[:, :, None] - s_top[:, None, :]
+    d_t = t_top[:, :, None] - t_top[:, None, :]
+    w = ldrld_pair_weights(rel, device=s.device, dtype=s.dtype)
+    T2 = (T * T).squeeze(-1)
+    pairs = (w * _bernoulli_kl(d_t, d_s)).sum((-1, -2))
+    set_term = kl_rows(torch.log_softmax(t_top, -1), torch.log_softmax(s_top, -1))
+    local = T2 * (pairs + set_term) / (k * (k - 1) / 2 + 1)
+    rest = torch.ones_like(zs, dtype=torch.bool).scatter(1, idx, False)
+    l_rest = T2 * kl_rows(_log_softmax_masked(zt, rest), _log_softmax_masked(zs, rest))
+    return local, l_rest
+
+
+def dynamic_temperatures(s, t, tau):
+    """DTKD's (T_s, T_t) per row [N, 1] from the row maxima, with the x + v ≤ 0 fallback to τ."""
+    x = t.detach().max(-1, keepdim=True).values
+    v = s.max(-1, keepdim=True).values  # gradient flows to the first maximal column
+    ok = (x + v) > 0
+    den = torch.where(ok, x + v, torch.ones_like(x))
+    tau = tau.expand_as(x)
+    return torch.where(ok, 2 * v * tau / den, tau), torch.where(ok, 2 * x * tau / den, tau)
+
+
+def decoupled_rows(zs, zt, y):
+    """(TCKD, NCKD, log p_y − log q_y) per row at fixed temperature, without the T² factor."""
+    gt = torch.zeros_like(zs, dtype=torch.bool).scatter(1, y.unsqueeze(-1), True)
+    lse_s, lse_t = zs.logsumexp(-1), zt.logsumexp(-1)
+    lse_s_nt = zs.masked_fill(gt, -math.inf).logsumexp(-1)
+    lse_t_nt = zt.masked_fill(gt, -math.inf).logsumexp(-1)
+    y1 = y.unsqueeze(-1)
+    log_b_s = torch.stack([zs.gather(1, y1).squeeze(-1) - lse_s, lse_s_nt - lse_s], -1)
+    log_b_t = torch.stack([zt.gather(1, y1).squeeze(-1) - lse_t, lse_t_nt - lse_t], -1)
+    tckd = kl_rows(log_b_t, log_b_s)
+    nckd = kl_rows(_log_softmax_masked(zt, ~gt), _log_softmax_masked(zs, ~gt))
+    return tckd, nckd, log_b_t[:, 0] - log_b_s[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine reference
+# ---------------------------------------------------------------------------------------------
+def label_masks(labels: Optional[torch.Tensor], N: int, C: int, ignore_index: int, device):
+    """(valid, bad, y_safe): valid = not ignored; bad = not ignored and outside [0, C)."""
+    if labels is None:
+        ones = torch.ones(N, dtype=torch.bool, device=device)
+        return ones, ~ones, torch.zeros(N, dtype=torch.long, device=device)
+    labels = labels.long()
+    valid = labels != ignore_index
+    in_range = (labels >= 0) & (labels < C)
+    return valid, valid & ~in_range, torch.where(in_range, labels, torch.zeros_like(labels))
+
+
+def logit_distill_rows(s: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor],
+                       spec: LogitDistill, temperature: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-row losses ``[N]`` of ``spec`` on logits ``[N, C]`` (ignored rows 0, bad-label rows NaN).
+
+    ``temperature``: optional per-row tensor ``[N]`` that overrides ``spec.temperature`` (it keeps its
+    autograd history, so a learnable temperature gets its gradient from autograd).
+    """
+    N, C = s.shape
+    acc = acc_dtype(s.dtype)
+    s_raw = s.to(acc)
+    s, t = s_raw, t.detach().to(acc)
+    valid, bad, y = label_masks(labels, N, C, spec.ignore_index, s.device)
+    if temperature is None:
+        temperature = torch.full((N,), float(spec.temperature), dtype=acc, device=s.device)
+    T = temperature.to(acc).reshape(N, 1)
+    T2 = (T * T).squeeze(-1)
+
+    if spec.standardize:
+        s, t = standardize(s), standardize(t)
+    if spec.teacher_topk_scale is not None:
+        t = topk_scale(t, spec.teacher_topk_scale, y if labels is not None else None)
+
+    zs, zt = s / T, t / T
+    rows = torch.zeros(N, dtype=acc, device=s.device)
+    if spec.kd_weight != 0:
+        rows = rows + spec.kd_weight * T2 * kl_rows(torch.log_softmax(zt, -1), torch.log_softmax(zs, -1))
+    if spec.ce_weight != 0:
+        ce = s_raw.logsumexp(-1) - s_raw.gather(1, y.unsqueeze(-1)).squeeze(-1)
+        rows = rows + spec.ce_weight * ce
+    if spec.decoupled is not None:
+        dec = spec.decoupled
+        tckd, nckd, log_ratio = decoupled_rows(zs, zt, y)
+        alpha = dec.alpha
+        if dec.adaptive:  # AEKT: w = min(p_y/q_y, w_max), a constant of the gradient
+            alpha = dec.alpha * log_ratio.detach().exp().clamp(max=dec.max_weight)
+        rows = rows + T2 * (alpha * tckd + dec.beta * nckd)
+    if spec.dtkd_weight != 0:
+        T_s, T_t = dynamic_temperatures(s, t, T)
+        kl = kl_rows(torch.log_softmax(t / T_t, -1), torch.log_softmax(s / T_s, -1))
+        rows = rows + spec.dtkd_weight * (T_t * T_s).squeeze(-1) * kl
+    if spec.relation is not None:
+        local, rest = ldrld_rows(s, t, T, spec.relation)
+        rows = rows + spec.relation.alpha * local + spec.relation.beta * rest
+    if spec.tdl is not None:
+        rows = rows + spec.tdl.weight * tdl_rows(s, t, spec.tdl)
+
+    rows = torch.where(valid, rows, torch.zeros_like(rows))
+    # bad-label rows: NaN loss and NaN gradient, without touching the other rows' gradients
+    return rows * torch.where(bad, math.nan, 1.0).to(rows.dtype)
+
+
+def reduce_rows(rows: torch.Tensor, valid_count: torch.Tensor, reduction: str) -> torch.Tensor:
+    """batchmean = Σ rows / #valid rows (0 when there are none), sum, or none."""
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    return total / valid_count.clamp(min=1).to(total.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# batch-coupled contrastive terms (losses.md §8)
+# ---------------------------------------------------------------------------------------------
+def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
+    """Symmetric InfoNCE per group of ``[G, M, D]`` (student ``a``, teacher ``b``), mean over groups."""
+    acc = acc_dtype(a.dtype)
+    a_n = F.normalize(a.to(acc), dim=-1)
+    b_n = F.normalize(b.detach().to(acc), dim=-1)
+    S = a_n @ b_n.transpose(-1, -2) / tau
+    G, M, _ = S.shape
+    target = torch.arange(M, device=a.device).expand(G, M)
+    rows = F.cross_entropy(S.transpose(1, 2), target, reduction="none").mean(-1)
+    cols = F.cross_entropy(S, target, reduction="none").mean(-1)
+    return (0.5 * (rows + cols)).mean()
+
+
+def msd_groups(f: torch.Tensor, scales: Sequence[int]):
+    """Sample-wise groups [Σg², N, D] and, per scale, feature-wise groups [1, D, N·g²]."""
+    N, D = f.shape[:2]
+    sample, feature = [], []
+    for g in scales:
+        p = F.adaptive_avg_pool2d(f, g)                                  # [N, D, g, g]
+        sample.append(p.permute(2, 3, 0, 1).reshape(g * g, N, D))
+        feature.append(p.permute(1, 0, 2, 3).reshape(1, D, N * g * g))
+    return torch.cat(sample, 0), feature
+
+
+def msd_contrastive_loss(f_s, f_t, scales=(1, 2, 4), tau=0.1, sample_weight=1.0, feature_weight=1.0):
+    """Multi-scale decoupled contrastive feature loss (losses.md §8), mean over each kind of group."""
+    s_sample, s_feature = msd_groups(f_s, scales)
+    t_sample, t_feature = msd_groups(f_t.detach(), scales)
+    sample = info_nce(s_sample, t_sample, tau)
+    feature = torch.stack([info_nce(a, b, tau) for a, b in zip(s_feature, t_feature)]).mean()
+    return sample_weight * sample + feature_weight * feature

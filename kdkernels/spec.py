@@ -1,0 +1,266 @@
+"""The one engine spec: every logit loss of losses.md §1–§7 is a preset of :class:`LogitDistill`.
+
+A spec is a frozen, validated description of *which* terms a row loss has and with which constants.
+Per row ``n`` (after the optional standardisation ``Z`` and teacher transform ``TSM``)::
+
+    ℓ_n =  kd_weight  · T²·KL(p‖q)                                   (§1, plain KD)
+         + ce_weight  · CE(s_raw, y)                                 (§1, temperature 1, raw logits)
+         + tckd_w(n)  · TCKD_n + nckd_weight · NCKD_n                (§2 DKD, §7 AEKT: tckd_w adaptive)
+         + dtkd_weight· T_t·T_s·KL(softmax(t/T_t)‖softmax(s/T_s))    (§4 DTKD, dynamic temperatures)
+         + local_weight · L_local + rest_weight · L_rest             (§5 LDRLD)
+         + tdl_weight · TDL                                          (§6 TopKD)
+
+The backends never see this class directly: :meth:`LogitDistill.pack` flattens it into two flat
+lists (floats, ints) whose layout is defined once here (``FLOAT_FIELDS``/``INT_FIELDS``) and mirrored by
+``csrc/kd_params.h``; Triton turns the same values into ``tl.constexpr`` flags.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+REDUCTIONS = ("batchmean", "sum", "none")
+RANK_BY = ("student", "teacher")
+#: largest k of the in-kernel top-k (architecture.md §2: k ≤ 64 for the logit methods)
+MAX_TOPK = 64
+
+
+def _positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite positive number, got {value}")
+    return float(value)
+
+
+def _finite(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def _int_in(name: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class TopKScale:
+    """TopKD's Top-K Scaling Module (losses.md §6): rescales the teacher's top-k logits (no gradient).
+
+    ``t'_i = (1 + scale·(k − r + 1)/k)·t_i + shift·gap`` for the rank-``r`` class of the teacher's
+    top-k, ``t'_y = (1 + gt_scale)·t_y + shift·gap`` when labels are given and ``y`` is not in the
+    top-k, else ``t'_j = t_j``; ``gap = mean(top-k) − mean(rest)``. Needs ``1 ≤ k ≤ C − 1``.
+    """
+
+    k: int = 5
+    scale: float = 0.5
+    shift: float = 0.5
+    gt_scale: float = 0.5
+
+    def __post_init__(self):
+        _int_in("TopKScale.k", self.k, 1, MAX_TOPK)
+        for name in ("scale", "shift", "gt_scale"):
+            object.__setattr__(self, name, _finite(f"TopKScale.{name}", getattr(self, name)))
+
+    @classmethod
+    def coerce(cls, value) -> Optional["TopKScale"]:
+        if value is None or isinstance(value, TopKScale):
+            return value
+        if isinstance(value, dict):
+            unknown = set(value) - {f.name for f in dataclasses.fields(cls)}
+            if unknown:
+                raise ValueError(f"teacher_topk_scale: unknown keys {sorted(unknown)}")
+            return cls(**value)
+        raise TypeError("teacher_topk_scale must be None, a kdkernels.TopKScale or a dict")
+
+
+@dataclass(frozen=True)
+class Decoupled:
+    """DKD's target/non-target split (§2); ``adaptive=True`` is AEKT's per-row TCKD weight (§7)."""
+
+    alpha: float = 1.0
+    beta: float = 8.0
+    adaptive: bool = False
+    max_weight: float = 10.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "alpha", _finite("alpha", self.alpha))
+        object.__setattr__(self, "beta", _finite("beta", self.beta))
+        object.__setattr__(self, "max_weight", _positive("max_weight", self.max_weight))
+
+
+@dataclass(frozen=True)
+class RankRelation:
+    """LDRLD's rank-weighted pair terms over the top-k plus the rest term (§5)."""
+
+    k: int = 7
+    alpha: float = 10.5
+    beta: float = 7.0
+    rank_by: str = "student"
+    eps: float = 1.5
+    delta: float = 2.0
+    lam: float = 0.05
+
+    def __post_init__(self):
+        _int_in("k", self.k, 2, MAX_TOPK)
+        if self.rank_by not in RANK_BY:
+            raise ValueError(f"rank_by must be one of {RANK_BY}, got {self.rank_by!r}")
+        for name in ("alpha", "beta", "delta", "lam"):
+            object.__setattr__(self, name, _finite(name, getattr(self, name)))
+        object.__setattr__(self, "eps", _positive("eps", self.eps))
+
+    def pair_weight(self, r: int, r2: int) -> float:
+        """w(r, r') of §5 for 1-based ranks."""
+        return self.delta * math.exp(-self.lam * (r + r2)) / (abs(r - r2) + self.eps)
+
+
+@dataclass(frozen=True)
+class TopKDecoupled:
+    """TopKD's Top-K Decoupled Loss (§6): cosine terms over Pos / Neg / Non groups of ``t'``."""
+
+    k: int = 5
+    weight: float = 1.0
+    pos: float = 1.0
+    neg: float = 1.0
+    non: float = 1.0
+
+    def __post_init__(self):
+        _int_in("k", self.k, 1, MAX_TOPK)
+        for name in ("weight", "pos", "neg", "non"):
+            object.__setattr__(self, name, _finite(name, getattr(self, name)))
+
+
+Temperature = Union[float, torch.Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class LogitDistill:
+    """Composable spec of a fused logit-distillation loss (losses.md §9).
+
+    ``temperature``: a positive float, a 0-dim tensor or a per-row tensor (leading dims of the
+    logits); a tensor with ``requires_grad`` is learnable (CTKD) and receives its exact gradient —
+    supported for the temperature-dependent terms ``kd_weight`` (and the T-free ``ce``/``tdl`` terms).
+    """
+
+    temperature: Temperature = 4.0
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
+    standardize: bool = False
+    teacher_topk_scale: Optional[TopKScale] = None
+    decoupled: Optional[Decoupled] = None
+    dtkd_weight: float = 0.0
+    relation: Optional[RankRelation] = None
+    tdl: Optional[TopKDecoupled] = None
+    contrastive_weight: float = 0.0
+    contrastive_tau: float = 0.1
+    reduction: str = "batchmean"
+    ignore_index: int = -100
+    check: Optional[bool] = None
+    inplace: bool = False
+
+    def __post_init__(self):
+        T = self.temperature
+        if isinstance(T, torch.Tensor):
+            if not T.is_floating_point():
+                raise TypeError(f"temperature tensor must be floating point, got {T.dtype}")
+        else:
+            object.__setattr__(self, "temperature", _positive("temperature", T))
+        for name in ("kd_weight", "ce_weight", "dtkd_weight", "contrastive_weight"):
+            object.__setattr__(self, name, _finite(name, getattr(self, name)))
+        object.__setattr__(self, "contrastive_tau", _positive("contrastive_tau", self.contrastive_tau))
+        object.__setattr__(self, "teacher_topk_scale", TopKScale.coerce(self.teacher_topk_scale))
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError("ignore_index must be an int")
+        if self.learnable_temperature and self.temperature_terms - {"kd"}:
+            raise ValueError(
+                "a learnable temperature (tensor with requires_grad) is supported with the KD term "
+                f"only; this spec also has {sorted(self.temperature_terms - {'kd'})}")
+
+    # ---- derived facts (what the backends specialise on) -------------------------------------
+    @property
+    def learnable_temperature(self) -> bool:
+        return isinstance(self.temperature, torch.Tensor) and self.temperature.requires_grad
+
+    @property
+    def temperature_terms(self) -> set:
+        terms = set()
+        if self.kd_weight != 0:
+            terms.add("kd")
+        if self.decoupled is not None:
+            terms.add("dkd")
+        if self.dtkd_weight != 0:
+            terms.add("dtkd")
+        if self.relation is not None:
+            terms.add("ldrld")
+        return terms
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.ce_weight != 0 or self.decoupled is not None
+
+    def check_classes(self, C: int) -> None:
+        """Per-method ranges of k against the number of classes (raised at the API boundary)."""
+        if C < 1:
+            raise ValueError("logits need at least one class")
+        if self.standardize and C < 2:
+            raise ValueError("standardize=True needs at least 2 classes (std divides by C - 1)")
+        if self.decoupled is not None and C < 2:
+            raise ValueError("dkd/aekt need at least 2 classes (target vs. non-target)")
+        if self.teacher_topk_scale is not None and not self.teacher_topk_scale.k <= C - 1:
+            raise ValueError(f"TopKScale.k must be in [1, C - 1] = [1, {C - 1}], got {self.teacher_topk_scale.k}")
+        if self.relation is not None and not 2 <= self.relation.k <= C - 1:
+            raise ValueError(f"ldrld k must be in [2, C - 1] = [2, {C - 1}], got {self.relation.k}")
+        if self.tdl is not None and not 2 * self.tdl.k < C:
+            raise ValueError(f"TDL needs 2k < C (Pos, Neg and Non groups), got k={self.tdl.k}, C={C}")
+
+    # ---- flat parameter layout shared with the C++ backends ------------------------------------
+    def pack(self) -> tuple[list[float], list[int]]:
+        """Flatten into ``(floats, ints)`` in the order of ``FLOAT_FIELDS`` / ``INT_FIELDS``."""
+        tsm = self.teacher_topk_scale or TopKScale()
+        dec = self.decoupled or Decoupled(alpha=0.0, beta=0.0)
+        rel = self.relation or RankRelation(alpha=0.0, beta=0.0)
+        tdl = self.tdl or TopKDecoupled(weight=0.0)
+        T = self.temperature if isinstance(self.temperature, float) else 1.0
+        values = dict(
+            temperature=T, kd_weight=self.kd_weight, ce_weight=self.ce_weight,
+            tckd_weight=dec.alpha, nckd_weight=dec.beta, max_weight=dec.max_weight,
+            dtkd_weight=self.dtkd_weight, local_weight=rel.alpha, rest_weight=rel.beta,
+            rel_eps=rel.eps, rel_delta=rel.delta, rel_lambda=rel.lam,
+            tdl_weight=tdl.weight, tdl_pos=tdl.pos, tdl_neg=tdl.neg, tdl_non=tdl.non,
+            tsm_scale=tsm.scale, tsm_shift=tsm.shift, tsm_gt_scale=tsm.gt_scale,
+            ignore_index=self.ignore_index, standardize=int(self.standardize),
+            use_tsm=int(self.teacher_topk_scale is not None), tsm_k=tsm.k,
+            use_decoupled=int(self.decoupled is not None), adaptive_tckd=int(dec.adaptive),
+            use_relation=int(self.relation is not None), rel_k=rel.k,
+            rank_by_teacher=int(rel.rank_by == "teacher"),
+            use_tdl=int(self.tdl is not None), tdl_k=tdl.k,
+        )
+        return [float(values[f]) for f in FLOAT_FIELDS], [int(values[f]) for f in INT_FIELDS]
+
+    def replace(self, **changes) -> "LogitDistill":
+        return dataclasses.replace(self, **changes)
+
+
+#: flat float parameters, in order (mirrored by csrc/kd_params.h)
+FLOAT_FIELDS = (
+    "temperature", "kd_weight", "ce_weight", "tckd_weight", "nckd_weight", "max_weight",
+    "dtkd_weight", "local_weight", "rest_weight", "rel_eps", "rel_delta", "rel_lambda",
+    "tdl_weight", "tdl_pos", "tdl_neg", "tdl_non", "tsm_scale", "tsm_shift", "tsm_gt_scale",
+)
+#: flat int parameters, in order (mirrored by csrc/kd_params.h)
+INT_FIELDS = (
+    "ignore_index", "standardize", "use_tsm", "tsm_k", "use_decoupled", "adaptive_tckd",
+    "use_relation", "rel_k", "rank_by_teacher", "use_tdl", "tdl_k",
+)

@@ -1,0 +1,81 @@
+"""Argument checks at the API boundary.
+
+Shape, dtype, device and parameter checks are always on and never touch tensor *values* (no device
+sync). Check mode (``KDKERNELS_CHECK=1`` or ``check=True``) adds the checks that need the values: label
+range and non-finite logits (``+inf``/NaN; ``-inf`` marks a masked class and is valid).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def check_mode(check: Optional[bool]) -> bool:
+    if check is not None:
+        return bool(check)
+    return os.environ.get("KDKERNELS_CHECK", "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def check_logits(s, t, s_name="student_logits", t_name="teacher_logits") -> None:
+    for name, x in ((s_name, s), (t_name, t)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+        if x.dim() < 1:
+            raise ValueError(f"{name} must have shape [..., C], got a 0-dim tensor")
+    if s.shape != t.shape:
+        raise ValueError(f"{s_name} and {t_name} must have the same shape, got {tuple(s.shape)} and {tuple(t.shape)}")
+    if s.device != t.device:
+        raise ValueError(f"{s_name} and {t_name} must be on the same device, got {s.device} and {t.device}")
+    if s.dtype != t.dtype:
+        raise TypeError(f"{s_name} and {t_name} must have the same dtype, got {s.dtype} and {t.dtype} "
+                        f"(cast the teacher with .to({s.dtype}))")
+
+
+def flatten_labels(labels, lead_shape, device) -> Optional[torch.Tensor]:
+    """Labels of shape ``lead_shape`` → int64 ``[N]`` (no value check here)."""
+    if labels is None:
+        return None
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in LABEL_DTYPES:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(lead_shape):
+        raise ValueError(f"labels must have shape {tuple(lead_shape)} (the logits' leading dims), got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels must be on the logits' device {device}, got {labels.device}")
+    return labels.reshape(-1).long()
+
+
+def flatten_temperature(T: torch.Tensor, lead_shape, N: int, device) -> torch.Tensor:
+    """A temperature tensor (0-dim or leading-dims shaped) → ``[N]`` view (stride 0 for a scalar)."""
+    if T.device != device:
+        raise ValueError(f"temperature must be on the logits' device {device}, got {T.device}")
+    if T.dim() == 0 or T.numel() == 1 and T.dim() <= 1:
+        return T.reshape(()).expand(N)
+    if tuple(T.shape) not in (tuple(lead_shape), (N,)):
+        raise ValueError(f"a per-row temperature must have shape {tuple(lead_shape)} or ({N},), got {tuple(T.shape)}")
+    return T.reshape(N)
+
+
+def check_values(s2d, t2d, labels, C: int, ignore_index: int, temperature=None) -> None:
+    """Check mode: label range, non-finite logits, non-positive temperature tensors (device sync)."""
+    if labels is not None:
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= C))
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(f"labels[{row}] = {int(labels[row])} is outside [0, {C}) and is not "
+                             f"ignore_index={ignore_index}")
+    for name, x in (("student_logits", s2d), ("teacher_logits", t2d)):
+        bad = torch.isnan(x) | (x == float("inf"))
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{name} row {row} contains +inf or NaN (only -inf, a masked class, is allowed)")
+    if temperature is not None and bool((temperature.detach() <= 0).any()):
+        raise ValueError("temperature tensor has non-positive entries")
