@@ -82,7 +82,7 @@ class LogitDistillFunction(torch.autograd.Function):
             grad = torch.empty_like(s) if grad is not None else None
             _, dtemp = launcher.forward(s, t, labels, temperature, spec, grad, ctx.grad_scale)
         N = grad.shape[0] if grad is not None else dtemp.shape[0]
-        factor = grad_output.reshape(-1).to(torch.float32).expand(N)
+        factor = grad_output.reshape(-1).expand(N)
         if grad is not None and ctx.needs_input_grad[0]:
             launcher.scale_(grad, factor)
         else:

@@ -86,23 +86,23 @@ def kd_loss(logits_student, logits_teacher, temperature=4.0, *, labels=None, ign
     return logit_distill(logits_student, logits_teacher, labels, spec, backend=backend)
 
 
-def dkd_loss(logits_student, logits_teacher, target, alpha=1.0, beta=8.0, temperature=4.0, *,
+def dkd_loss(logits_student, logits_teacher, labels, alpha=1.0, beta=8.0, temperature=4.0, *,
              ignore_index=-100, reduction="batchmean", standardize=False, ce_weight=0.0,
              teacher_topk_scale=None, backend="auto", check=None, inplace=False):
     """Decoupled KD ``α·TCKD + β·NCKD`` [code: mdistiller ``dkd_loss``], exact target exclusion."""
     spec = _spec(temperature, reduction, ignore_index, standardize, ce_weight, teacher_topk_scale,
                  check, inplace, kd_weight=0.0, decoupled=Decoupled(alpha=alpha, beta=beta))
-    return logit_distill(logits_student, logits_teacher, target, spec, backend=backend)
+    return logit_distill(logits_student, logits_teacher, labels, spec, backend=backend)
 
 
-def aekt_loss(logits_student, logits_teacher, target, alpha=1.0, beta=8.0, temperature=4.0, *,
+def aekt_loss(logits_student, logits_teacher, labels, alpha=1.0, beta=8.0, temperature=4.0, *,
               max_weight=10.0, ignore_index=-100, reduction="batchmean", standardize=False,
               ce_weight=0.0, teacher_topk_scale=None, backend="auto", check=None, inplace=False):
     """AEKT ``α·min(p_y/q_y, w_max)·TCKD + β·NCKD`` [reconstructed]."""
     spec = _spec(temperature, reduction, ignore_index, standardize, ce_weight, teacher_topk_scale,
                  check, inplace, kd_weight=0.0,
                  decoupled=Decoupled(alpha=alpha, beta=beta, adaptive=True, max_weight=max_weight))
-    return logit_distill(logits_student, logits_teacher, target, spec, backend=backend)
+    return logit_distill(logits_student, logits_teacher, labels, spec, backend=backend)
 
 
 def dtkd_loss(logits_student, logits_teacher, temperature=4.0, alpha=3.0, beta=1.0, *, labels=None,

@@ -1,0 +1,390 @@
+"""Fused symmetric InfoNCE over groups ``[G, M, D]`` (losses.md §8) — Triton kernels and launcher.
+
+Math (per group; ``a`` = student rows with gradient, ``b`` = teacher rows, constant)::
+
+    â_i = a_i / max(‖a_i‖, ε),  b̂_j = b_j / max(‖b_j‖, ε)            (ε = 1e-12, as F.normalize)
+    S_ij = â_i·b̂_j / τ
+    r_i = LSE_j S_ij   (row LSE),   c_j = LSE_i S_ij   (column LSE)
+    L_g = 1/(2M) · Σ_i [(r_i − S_ii) + (c_i − S_ii)],     loss = mean_g L_g
+
+Gradient w.r.t. the student side only (``γ`` = grad of the loss, ``κ = γ/(2GM)``)::
+
+    ∂loss/∂S_ij = κ·W_ij,    W_ij = exp(S_ij − r_i) + exp(S_ij − c_j) − 2·δ_ij
+    g_i = ∂loss/∂â_i = (κ/τ) · Σ_j W_ij b̂_j
+    â_i·g_i = κ · Σ_j W_ij S_ij                      (a row sum of the tiles: no extra pass over D)
+    ∂loss/∂a_i = (g_i − â_i (â_i·g_i)) / ‖a_i‖      if ‖a_i‖ > ε,   else g_i / ε
+
+Kernels (the ``M × M`` matrix ``S`` is never materialised; ``S`` tiles come from ``tl.dot`` of the raw
+rows, scaled afterwards by the inverse norms and 1/τ, so the normalisation costs no rounding and no
+extra tensor):
+
+* ``_info_nce_fwd_kernel`` — grid ``(⌈M/BM⌉, G, 2)``. Axis 2 picks the direction: 0 streams the rows
+  of ``S = â b̂ᵀ/τ`` (x = a, y = b), 1 the rows of ``Sᵀ`` (x = b, y = a), i.e. the columns of ``S``.
+  A program computes its x rows' inverse norms, then streams y tiles of ``BN`` rows: one ``tl.dot``
+  per ``BD``-chunk of ``D``, the y norms accumulated from the same loads, an online (flash-style)
+  max/sum for the LSE, and the diagonal picked out of the tile where ``i == j``. It writes, per row,
+  ``lse``, ``lse − S_ii`` (the loss terms) and the inverse norm: ``[2, G, M]`` each, in the
+  accumulation dtype. The loss is ``Σ terms / (2GM)`` (one torch reduction).
+* ``_info_nce_bwd_kernel`` — grid ``(⌈M/BM⌉, G)``. For each ``BD``-chunk of the output row, it streams
+  the b tiles, recomputes ``S`` from the saved norms, forms ``W`` (diagonal folded in) and accumulates
+  ``W @ b̂`` (``tl.dot``, accumulation dtype) and ``Σ_j W_ij S_ij``; then applies the normalisation's
+  Jacobian and writes ``∂loss/∂a`` in ``a``'s dtype. ``grad_output`` is read on the device (no sync).
+
+Bytes moved (``e`` = element size, ``R = ⌈M/BM⌉``; ideal = read a and b once, write the gradient once,
+``2GMDe`` forward and ``3GMDe`` with the backward): forward reads ``2·G·M·D·e·(1 + R)`` (every program
+re-reads the other side; L2-resident for moderate M) and writes ``6·G·M·acc`` bytes of statistics;
+backward reads ``G·M·D·e·(1 + 2R·⌈D/BD⌉)`` + statistics and writes ``G·M·D·e``. FLOPs: ``4·G·M²·D``
+forward (both directions), ``2·G·M²·D·(⌈D/BD⌉ + 1)`` backward (S is recomputed once per output chunk;
+one chunk when ``D ≤ BD``).
+
+Precision: 16-bit inputs go into ``tl.dot`` as they are (exact products, fp32 accumulation); fp32 uses
+``input_precision="ieee"`` (set ``ALLOW_TF32 = True`` to trade ~1e-3 relative error for tensor cores);
+float64 inputs are computed in float64 throughout (``tl.dot`` on fp64 is accepted by the interpreter
+— a numpy matmul — and compiles for sm_80/sm_90), which is what ``gradcheck`` needs. The accumulation
+dtype is taken from the statistics buffers (fp32, or fp64 for fp64 inputs); τ enters as an fp32 hi/lo
+pair (Triton passes Python floats as fp32), recombined in the accumulation dtype.
+
+``tl.dot`` on the GPU needs every tile dimension ≥ 16 (K ≥ 16): ``BM, BN ≥ 16`` and ``BD ≥ 16``, ``D``
+padded to a multiple of ``BD`` by masked loads. :func:`shipped_configs` lists every configuration the
+launcher can pick, for the ahead-of-time compile check (tests/test_info_nce.py).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+#: F.normalize's ε (the reference uses F.normalize)
+NORM_EPS = 1e-12
+#: fp32 inputs: use TF32 tensor cores in tl.dot (faster, ~1e-3 relative error) instead of IEEE fp32
+ALLOW_TF32 = False
+#: tile-size overrides (None = the heuristic): tests set these to force the multi-tile paths at small M
+BLOCK_M: Optional[int] = None
+BLOCK_N: Optional[int] = None
+BLOCK_D: Optional[int] = None
+
+#: the Triton launches made by this module (tests count them; reset by assigning 0)
+launch_count = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _mm(x, y, acc, TF32: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + x @ y in acc's dtype; fp32 operands in IEEE precision unless TF32. UPCAST: 16-bit operands
+    go in as fp32 (exact products; the interpreter's dot cannot multiply bf16, stored as uint16)."""
+    if UPCAST:
+        x = x.to(acc.dtype)
+        y = y.to(acc.dtype)
+    if TF32:
+        acc = tl.dot(x, y, acc, input_precision="tf32", out_dtype=acc.dtype)
+    else:
+        acc = tl.dot(x, y, acc, input_precision="ieee", out_dtype=acc.dtype)
+    return acc
+
+
+@triton.jit
+def _info_nce_fwd_kernel(a_ptr, b_ptr, lse_ptr, terms_ptr, rn_ptr,
+                         G, M, D, stride_g, stride_m, tau_hi, tau_lo,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         TF32: tl.constexpr, UPCAST: tl.constexpr):
+    pid_m = tl.program_id(0)
+    g = tl.program_id(1)
+    direction = tl.program_id(2)
+    acc_ty = rn_ptr.dtype.element_ty                     # fp32, or fp64 for fp64 inputs
+    base = g.to(tl.int64) * stride_g
+    if direction == 0:                                   # rows of S = â b̂ᵀ / τ
+        x_ptr = a_ptr + base
+        y_ptr = b_ptr + base
+    else:                                                # rows of Sᵀ, i.e. the columns of S
+        x_ptr = b_ptr + base
+        y_ptr = a_ptr + base
+    inv_tau = 1.0 / (tl.cast(tau_hi, acc_ty) + tl.cast(tau_lo, acc_ty))
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_d = tl.arange(0, BLOCK_D)
+    row_off = offs_m.to(tl.int64)[:, None] * stride_m
+
+    # inverse norms of this program's x rows
+    sq = tl.zeros([BLOCK_M], dtype=acc_ty)
+    for k in range(0, D, BLOCK_D):
+        mask_d = (k + offs_d) < D
+        x = tl.load(x_ptr + row_off + (k + offs_d)[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        x = x.to(acc_ty)
+        sq += tl.sum(x * x, 1)
+    rn_x = 1.0 / tl.maximum(tl.sqrt(sq), 1e-12)
+    row_scale = rn_x * inv_tau
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=acc_ty)
+    l_i = tl.zeros([BLOCK_M], dtype=acc_ty)
+    diag = tl.zeros([BLOCK_M], dtype=acc_ty)
+    for n0 in range(0, M, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < M
+        col_off = offs_n.to(tl.int64)[:, None] * stride_m
+        dot = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_ty)
+        ysq = tl.zeros([BLOCK_N], dtype=acc_ty)
+        for k in range(0, D, BLOCK_D):
+            mask_d = (k + offs_d) < D
+            x = tl.load(x_ptr + row_off + (k + offs_d)[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            y = tl.load(y_ptr + col_off + (k + offs_d)[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            dot = _mm(x, tl.trans(y), dot, TF32, UPCAST)
+            yf = y.to(acc_ty)
+            ysq += tl.sum(yf * yf, 1)
+        rn_y = 1.0 / tl.maximum(tl.sqrt(ysq), 1e-12)
+        s = dot * row_scale[:, None] * rn_y[None, :]
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        is_diag = offs_m[:, None] == offs_n[None, :]
+        diag += tl.sum(tl.where(is_diag, s, 0.0), 1)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+        m_i = m_new
+    lse = m_i + tl.log(l_i)
+
+    out = (direction * G + g).to(tl.int64) * M + offs_m
+    tl.store(lse_ptr + out, lse, mask=mask_m)
+    tl.store(terms_ptr + out, lse - diag, mask=mask_m)
+    tl.store(rn_ptr + out, rn_x, mask=mask_m)
+
+
+@triton.jit
+def _info_nce_bwd_kernel(a_ptr, b_ptr, lse_ptr, rn_ptr, gout_ptr, grad_ptr,
+                         G, M, D, stride_g, stride_m, tau_hi, tau_lo,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         TF32: tl.constexpr, UPCAST: tl.constexpr):
+    pid_m = tl.program_id(0)
+    g = tl.program_id(1)
+    acc_ty = rn_ptr.dtype.element_ty
+    base = g.to(tl.int64) * stride_g
+    a_ptr += base
+    b_ptr += base
+    grad_ptr += base
+    inv_tau = 1.0 / (tl.cast(tau_hi, acc_ty) + tl.cast(tau_lo, acc_ty))
+    kappa = tl.load(gout_ptr).to(acc_ty) / (2 * G * M).to(acc_ty)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_d = tl.arange(0, BLOCK_D)
+    row_off = offs_m.to(tl.int64)[:, None] * stride_m
+    stat_r = g.to(tl.int64) * M                          # direction 0 (rows) statistics
+    stat_c = (G + g).to(tl.int64) * M                    # direction 1 (columns) statistics
+    rn_a = tl.load(rn_ptr + stat_r + offs_m, mask=mask_m, other=1.0)
+    lse_r = tl.load(lse_ptr + stat_r + offs_m, mask=mask_m, other=0.0)
+    row_scale = rn_a * inv_tau
+    # the normalisation's Jacobian projects out â unless the norm was clamped to ε
+    keep_proj = tl.where(rn_a < 1e12, 1.0, 0.0).to(acc_ty)
+
+    for d0 in range(0, D, BLOCK_D):
+        mask_o = (d0 + offs_d) < D
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_ty)   # Σ_j W_ij b̂_j, this output chunk
+        ws = tl.zeros([BLOCK_M], dtype=acc_ty)              # Σ_j W_ij S_ij
+        for n0 in range(0, M, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < M
+            col_off = offs_n.to(tl.int64)[:, None] * stride_m
+            dot = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_ty)
+            for k in range(0, D, BLOCK_D):
+                mask_d = (k + offs_d) < D
+                x = tl.load(a_ptr + row_off + (k + offs_d)[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+                y = tl.load(b_ptr + col_off + (k + offs_d)[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+                dot = _mm(x, tl.trans(y), dot, TF32, UPCAST)
+            rn_b = tl.load(rn_ptr + stat_c + offs_n, mask=mask_n, other=0.0)
+            lse_c = tl.load(lse_ptr + stat_c + offs_n, mask=mask_n, other=0.0)
+            s = dot * row_scale[:, None] * rn_b[None, :]
+            w = tl.exp(s - lse_r[:, None]) + tl.exp(s - lse_c[None, :])
+            w = tl.where(offs_m[:, None] == offs_n[None, :], w - 2.0, w)
+            w = tl.where(mask_n[None, :], w, 0.0)
+            ws += tl.sum(w * s, 1)
+            yb = tl.load(b_ptr + col_off + (d0 + offs_d)[None, :], mask=mask_n[:, None] & mask_o[None, :], other=0.0)
+            yb = yb.to(acc_ty) * rn_b[:, None]
+            acc = _mm(w, yb, acc, TF32, False)
+        xa = tl.load(a_ptr + row_off + (d0 + offs_d)[None, :], mask=mask_m[:, None] & mask_o[None, :], other=0.0)
+        xa = xa.to(acc_ty) * rn_a[:, None]
+        proj = kappa * ws * keep_proj                        # â_i·g_i
+        grad = rn_a[:, None] * ((kappa * inv_tau) * acc - xa * proj[:, None])
+        tl.store(grad_ptr + row_off + (d0 + offs_d)[None, :], grad.to(grad_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_o[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _pow2_at_least(n: int, lo: int) -> int:
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+def tiles(M: int, D: int, dtype: torch.dtype, block_m: int = 0, block_n: int = 0, block_d: int = 0):
+    """(BM, BN, BD, num_warps) for a launch; arguments > 0 (or the module overrides) win."""
+    wide = dtype == torch.float64
+    bm = block_m or BLOCK_M or (32 if wide else 64)
+    bn = block_n or BLOCK_N or (32 if wide else 64)
+    bd = block_d or BLOCK_D or min(_pow2_at_least(D, 16), 64 if wide else 128)
+    for name, v in (("block_m", bm), ("block_n", bn), ("block_d", bd)):
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"{name} must be a power of two >= 16 (tl.dot tiles), got {v}")
+    return bm, bn, bd, (8 if bd >= 128 else 4)
+
+
+def _upcast(a: torch.Tensor) -> bool:
+    """16-bit tl.dot operands go in as fp32 under the interpreter (it cannot multiply bf16)."""
+    return a.element_size() == 2 and _INTERPRETED_AT_IMPORT
+
+
+def _tau_split(tau: float):
+    hi = float(torch.tensor(tau, dtype=torch.float32))
+    return hi, float(tau - hi)
+
+
+def _fwd_impl(a: torch.Tensor, b: torch.Tensor, tau: float, block_m: int, block_n: int, block_d: int):
+    global launch_count
+    G, M, D = a.shape
+    a, b = a.contiguous(), b.contiguous()
+    acc = acc_dtype(a.dtype)
+    lse = torch.empty((2, G, M), device=a.device, dtype=acc)
+    terms = torch.empty_like(lse)
+    rn = torch.empty_like(lse)
+    bm, bn, bd, warps = tiles(M, D, a.dtype, block_m, block_n, block_d)
+    hi, lo = _tau_split(tau)
+    launch_count += 1
+    _wrap(_info_nce_fwd_kernel)[(triton.cdiv(M, bm), G, 2)](
+        a, b, lse, terms, rn, G, M, D, M * D, D, hi, lo,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, TF32=bool(ALLOW_TF32 and a.dtype == torch.float32), UPCAST=_upcast(a),
+        num_warps=warps)
+    return terms, lse, rn
+
+
+def _bwd_impl(grad_out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lse: torch.Tensor, rn: torch.Tensor,
+              tau: float, block_m: int, block_n: int, block_d: int):
+    global launch_count
+    G, M, D = a.shape
+    a, b = a.contiguous(), b.contiguous()
+    grad = torch.empty_like(a)
+    bm, bn, bd, warps = tiles(M, D, a.dtype, block_m, block_n, block_d)
+    hi, lo = _tau_split(tau)
+    launch_count += 1
+    _wrap(_info_nce_bwd_kernel)[(triton.cdiv(M, bm), G)](
+        a, b, lse, rn, grad_out.reshape(1), grad, G, M, D, M * D, D, hi, lo,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, TF32=bool(ALLOW_TF32 and a.dtype == torch.float32), UPCAST=_upcast(a),
+        num_warps=warps)
+    return grad
+
+
+# torch.library registration: triton_op + wrap_triton (torch >= 2.6) so torch.compile sees through the
+# launches on the GPU; custom_op + a fake implementation otherwise.
+_HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+_wrap = torch.library.wrap_triton if _HAS_TRITON_OP else (lambda kernel: kernel)
+_register = torch.library.triton_op if _HAS_TRITON_OP else torch.library.custom_op
+
+
+@_register("kdkernels::info_nce_fwd", mutates_args=())
+def info_nce_fwd(a: torch.Tensor, b: torch.Tensor, tau: float, block_m: int, block_n: int,
+                 block_d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(terms, lse, inverse norms), each ``[2, G, M]`` in the accumulation dtype."""
+    return _fwd_impl(a, b, tau, block_m, block_n, block_d)
+
+
+@_register("kdkernels::info_nce_bwd", mutates_args=())
+def info_nce_bwd(grad_out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lse: torch.Tensor,
+                 rn: torch.Tensor, tau: float, block_m: int, block_n: int, block_d: int) -> torch.Tensor:
+    """∂loss/∂a ``[G, M, D]`` in ``a``'s dtype, for the 0-dim ``grad_out`` of the loss."""
+    return _bwd_impl(grad_out, a, b, lse, rn, tau, block_m, block_n, block_d)
+
+
+if not _HAS_TRITON_OP:
+    @info_nce_fwd.register_fake
+    def _(a, b, tau, block_m, block_n, block_d):
+        G, M, _ = a.shape
+        stat = a.new_empty((2, G, M), dtype=acc_dtype(a.dtype))
+        return stat, torch.empty_like(stat), torch.empty_like(stat)
+
+    @info_nce_bwd.register_fake
+    def _(grad_out, a, b, lse, rn, tau, block_m, block_n, block_d):
+        return torch.empty_like(a, memory_format=torch.contiguous_format)
+
+
+class InfoNCEFunction(torch.autograd.Function):
+    """Fused InfoNCE: forward = one launch (row and column LSEs), backward = one launch (∂/∂a)."""
+
+    @staticmethod
+    def forward(ctx, a, b, tau, block_m=0, block_n=0, block_d=0):
+        G, M, _ = a.shape
+        terms, lse, rn = torch.ops.kdkernels.info_nce_fwd(a, b, tau, block_m, block_n, block_d)
+        ctx.save_for_backward(a, b, lse, rn)
+        ctx.args = (tau, block_m, block_n, block_d)
+        return terms.sum() * (0.5 / (G * M))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 6
+        a, b, lse, rn = ctx.saved_tensors
+        grad = torch.ops.kdkernels.info_nce_bwd(grad_out, a, b, lse, rn, *ctx.args)
+        return grad, None, None, None, None, None
+
+
+class _Launcher:
+    """The contrastive family's Triton launcher (``dispatch.LAUNCHERS["contrastive"]["triton"]``)."""
+
+    @staticmethod
+    def unavailable_reason(device: torch.device) -> Optional[str]:
+        device = torch.device(device)
+        interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        if device.type == "cuda":
+            return None if torch.cuda.is_available() else "CUDA is not available"
+        if device.type == "cpu":
+            if not interpreting:
+                return "Triton runs on CPU tensors only in the interpreter (set TRITON_INTERPRET=1 before import)"
+            if not _INTERPRETED_AT_IMPORT:
+                return "TRITON_INTERPRET=1 was set after kdkernels._triton.info_nce was imported"
+            return None
+        return f"no Triton backend for {device.type} tensors"
+
+    @staticmethod
+    def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float, *, block_m: int = 0, block_n: int = 0,
+                 block_d: int = 0) -> torch.Tensor:
+        """0-dim loss (fp32, or fp64 for fp64 inputs) of groups ``[G, M, D]``; gradient to ``a`` only."""
+        if a.dim() != 3 or a.shape != b.shape:
+            raise ValueError(f"info_nce expects a and b of the same shape [G, M, D], got "
+                             f"{tuple(a.shape)} and {tuple(b.shape)}")
+        return InfoNCEFunction.apply(a, b.detach(), float(tau), int(block_m), int(block_n), int(block_d))
+
+
+_INTERPRETED_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+launcher = _Launcher()
+
+
+def shipped_configs():
+    """Every (kernel, signature, constexprs, num_warps) the launcher can pick, for the AOT compile check."""
+    ptr = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float64: "*fp64"}
+    out = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        acc = ptr[acc_dtype(dtype)]
+        widest = 64 if dtype == torch.float64 else 128
+        for d in (16, 32, 64, 128):
+            if d > widest:
+                continue
+            bm, bn, bd, warps = tiles(1, d, dtype)
+            const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, TF32=False, UPCAST=False)
+            scalars = dict(G="i32", M="i32", D="i32", stride_g="i32", stride_m="i32", tau_hi="fp32", tau_lo="fp32")
+            fwd = dict(a_ptr=ptr[dtype], b_ptr=ptr[dtype], lse_ptr=acc, terms_ptr=acc, rn_ptr=acc, **scalars)
+            bwd = dict(a_ptr=ptr[dtype], b_ptr=ptr[dtype], lse_ptr=acc, rn_ptr=acc, gout_ptr=acc,
+                       grad_ptr=ptr[dtype], **scalars)
+            for name, sig in (("_info_nce_fwd_kernel", fwd), ("_info_nce_bwd_kernel", bwd)):
+                consts = dict(const)
+                if dtype == torch.float32:
+                    consts_tf32 = dict(const, TF32=True)
+                    out.append(dict(kernel=f"{__name__}:{name}", signature=sig, constexprs=consts_tf32,
+                                    num_warps=warps, label=f"{name} {dtype} BD={bd} tf32"))
+                out.append(dict(kernel=f"{__name__}:{name}", signature=sig, constexprs=consts,
+                                num_warps=warps, label=f"{name} {dtype} BM={bm} BN={bn} BD={bd}"))
+    return out

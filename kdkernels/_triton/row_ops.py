@@ -1,0 +1,113 @@
+"""Small ``@triton.jit`` building blocks of the row engine (all operate on one row's block of columns).
+
+* online log-sum-exp: ``(m, d)`` with ``LSE = m + log d``, safe for all-``-inf`` blocks;
+* streaming moments (Chan's merge of per-block mean/M2) for standardisation;
+* a running top-k list: ``K_PAD`` slots (key, index, two payloads) merged block by block by repeated
+  extraction of the best candidate while it beats the list's worst; order is (key desc, index asc), so
+  ties go to the lower index. Slots beyond ``K`` are *locked* (key ``+inf``, index ``-1``) and never
+  replaced; ``ranks`` gives each slot its rank in that order (locked slots first);
+* scalar extraction from a small register vector, and the log-space Bernoulli KL of LDRLD's pairs.
+"""
+import triton
+import triton.language as tl
+
+#: index of an empty top-k slot / of a column outside [0, C): larger than any real column
+BIG_IDX = 2147483647
+
+
+@triton.jit
+def lse_update(m, d, x):
+    """Fold block ``x`` into the online LSE state ``(m, d)``."""
+    m_new = tl.maximum(m, tl.max(x, 0))
+    base = tl.where(m_new == -float("inf"), 0.0, m_new)
+    d = d * tl.exp(m - base) + tl.sum(tl.exp(x - base), 0)
+    return m_new, d
+
+
+@triton.jit
+def lse_final(m, d):
+    """LSE of the state; ``-inf`` when every entry was ``-inf``."""
+    return tl.where(m == -float("inf"), 0.0, m) + tl.log(d)
+
+
+@triton.jit
+def moments_update(n, mean, m2, x, live):
+    """Merge the live entries of block ``x`` into the running (count, mean, M2)."""
+    nb = tl.sum(live.to(x.dtype), 0)
+    mean_b = tl.sum(tl.where(live, x, 0.0), 0) / tl.maximum(nb, 1.0)
+    dev = tl.where(live, x - mean_b, 0.0)
+    m2_b = tl.sum(dev * dev, 0)
+    n_new = n + nb
+    delta = mean_b - mean
+    mean = mean + delta * nb / tl.maximum(n_new, 1.0)
+    m2 = m2 + m2_b + delta * delta * n * nb / tl.maximum(n_new, 1.0)
+    return n_new, mean, m2
+
+
+@triton.jit
+def topk_init(K: tl.constexpr, K_PAD: tl.constexpr, ACC: tl.constexpr):
+    """An empty list: K free slots (key -inf, index BIG_IDX) and K_PAD - K locked ones."""
+    slot = tl.arange(0, K_PAD)
+    locked = slot >= K
+    key = tl.where(locked, float("inf"), -float("inf")).to(ACC)
+    idx = tl.where(locked, -1, BIG_IDX)
+    zero = tl.zeros([K_PAD], ACC)
+    return key, idx, zero, zero
+
+
+@triton.jit
+def topk_merge(top_key, top_idx, top_a, top_b, key, idx, a, b, K_PAD: tl.constexpr):
+    """Merge candidates (``key``, ``idx``, payloads ``a``, ``b``; idx BIG_IDX = not a candidate)."""
+    slot = tl.arange(0, K_PAD)
+    w_key = tl.min(top_key, 0)
+    w_idx = tl.max(tl.where(top_key == w_key, top_idx, -1), 0)
+    c_key = tl.max(key, 0)
+    c_idx = tl.min(tl.where(key == c_key, idx, BIG_IDX), 0)
+    better = (c_key > w_key) | ((c_key == w_key) & (c_idx < w_idx))
+    while better:
+        hit = idx == c_idx
+        c_a = tl.sum(tl.where(hit, a, 0.0), 0)
+        c_b = tl.sum(tl.where(hit, b, 0.0), 0)
+        target = tl.min(tl.where((top_key == w_key) & (top_idx == w_idx), slot, K_PAD), 0)
+        put = slot == target
+        top_key = tl.where(put, c_key, top_key)
+        top_idx = tl.where(put, c_idx, top_idx)
+        top_a = tl.where(put, c_a, top_a)
+        top_b = tl.where(put, c_b, top_b)
+        key = tl.where(hit, -float("inf"), key)
+        idx = tl.where(hit, BIG_IDX, idx)
+        w_key = tl.min(top_key, 0)
+        w_idx = tl.max(tl.where(top_key == w_key, top_idx, -1), 0)
+        c_key = tl.max(key, 0)
+        c_idx = tl.min(tl.where(key == c_key, idx, BIG_IDX), 0)
+        better = (c_key > w_key) | ((c_key == w_key) & (c_idx < w_idx))
+    return top_key, top_idx, top_a, top_b
+
+
+@triton.jit
+def ranks(key, idx):
+    """Rank of every slot in (key desc, index asc) order; 0 is the best."""
+    beats = (key[None, :] > key[:, None]) | ((key[None, :] == key[:, None]) & (idx[None, :] < idx[:, None]))
+    return tl.sum(beats.to(tl.int32), 1)
+
+
+@triton.jit
+def pick(vec, j):
+    """Element ``j`` of a small register vector, as a scalar."""
+    slot = tl.arange(0, vec.shape[0])
+    return tl.sum(tl.where(slot == j, vec, 0), 0)
+
+
+@triton.jit
+def log_sigmoid(x):
+    return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def bernoulli_kl(d_t, d_s):
+    """KL(Bern(σ(d_t)) ‖ Bern(σ(d_s))) in log space."""
+    lp1, lp0 = log_sigmoid(d_t), log_sigmoid(-d_t)
+    p1, p0 = tl.exp(lp1), tl.exp(lp0)
+    a = tl.where(p1 > 0, p1 * (lp1 - log_sigmoid(d_s)), 0.0)
+    b = tl.where(p0 > 0, p0 * (lp0 - log_sigmoid(-d_s)), 0.0)
+    return a + b
