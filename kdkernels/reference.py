@@ -37,7 +37,16 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """Σ_c p_c (log p_c − log q_c) per row, with 0·log 0 = 0 (so −inf entries are harmless)."""
     p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+    live = p > 0  # the difference is selected before the product so masked classes carry no NaN
+    diff = torch.where(live, log_p - log_q, torch.zeros_like(p))
+    return torch.where(live, p * diff, torch.zeros_like(p)).sum(-1)
+
+
+def scaled(x: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """x / T with masked (−inf) entries kept at −inf and out of the autograd graph: their derivative
+    w.r.t. a learnable or dynamic temperature (−x/T²) would be inf·0 = NaN otherwise."""
+    live = x != -math.inf
+    return torch.where(live, torch.where(live, x, torch.zeros_like(x)) / T, torch.full_like(x, -math.inf))
 
 
 def _log_softmax_masked(z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -131,7 +140,7 @@ def ldrld_rows(s, t, T, rel: RankRelation):
     """(L_local, L_rest) per row for LDRLD (losses.md §5); ``T`` is [N, 1]."""
     k = rel.k
     idx = ranked(s if rel.rank_by == "student" else t, k)
-    zs, zt = s / T, t / T
+    zs, zt = scaled(s, T), scaled(t, T)
     s_top, t_top = zs.gather(1, idx), zt.gather(1, idx)
     d_s = s_top[:, :, None] - s_top[:, None, :]
     d_t = t_top[:, :, None] - t_top[:, None, :]
@@ -205,7 +214,7 @@ def logit_distill_rows(s: torch.Tensor, t: torch.Tensor, labels: Optional[torch.
     if spec.teacher_topk_scale is not None:
         t = topk_scale(t, spec.teacher_topk_scale, y if labels is not None else None)
 
-    zs, zt = s / T, t / T
+    zs, zt = scaled(s, T), scaled(t, T)
     rows = torch.zeros(N, dtype=acc, device=s.device)
     if spec.kd_weight != 0:
         rows = rows + spec.kd_weight * T2 * kl_rows(torch.log_softmax(zt, -1), torch.log_softmax(zs, -1))
@@ -221,7 +230,7 @@ def logit_distill_rows(s: torch.Tensor, t: torch.Tensor, labels: Optional[torch.
         rows = rows + T2 * (alpha * tckd + dec.beta * nckd)
     if spec.dtkd_weight != 0:
         T_s, T_t = dynamic_temperatures(s, t, T)
-        kl = kl_rows(torch.log_softmax(t / T_t, -1), torch.log_softmax(s / T_s, -1))
+        kl = kl_rows(torch.log_softmax(scaled(t, T_t), -1), torch.log_softmax(scaled(s, T_s), -1))
         rows = rows + spec.dtkd_weight * (T_t * T_s).squeeze(-1) * kl
     if spec.relation is not None:
         local, rest = ldrld_rows(s, t, T, spec.relation)

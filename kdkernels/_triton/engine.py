@@ -87,6 +87,12 @@ def _transform(s_raw, t_raw, cols, mean_s, inv_s, mean_t, inv_t, tsm_idx, tsm_mu
 
 
 @triton.jit
+def _div_keep_masked(x, T):
+    """x / T with masked (−inf) entries kept at −inf even for DTKD's negative temperatures."""
+    return tl.where(x == -float("inf"), -float("inf"), x / T)
+
+
+@triton.jit
 def _lookup(cols, idx_list, val_list, default, N_SLOTS: tl.constexpr):
     """Per column: the value of the list slot holding that column index, else ``default``."""
     out = default
@@ -427,8 +433,8 @@ def _logit_distill_kernel(
                     nu_n += nu_b
                     nv_n += nv_b
                 if USE_DTKD:
-                    m_sd, d_sd = lse_update(m_sd, d_sd, s / T_s)
-                    m_td, d_td = lse_update(m_td, d_td, t / T_t)
+                    m_sd, d_sd = lse_update(m_sd, d_sd, _div_keep_masked(s, T_s))
+                    m_td, d_td = lse_update(m_td, d_td, _div_keep_masked(t, T_t))
             if USE_REL:
                 lse_sR = lse_final(m_sR, d_sR)
                 lse_tR = lse_final(m_tR, d_tR)
@@ -512,8 +518,8 @@ def _logit_distill_kernel(
                         g += tl.where(is_y, T * alpha_n * (q_y - p_y),
                                       T * (alpha_n * (p_y - q_y) * q_h + nckd_w * (q_h - p_h)))
                     if USE_DTKD:
-                        lq_d = s / T_s - lse_sd
-                        lp_d = t / T_t - lse_td
+                        lq_d = _div_keep_masked(s, T_s) - lse_sd
+                        lp_d = _div_keep_masked(t, T_t) - lse_td
                         q_d = tl.exp(lq_d)
                         p_d = tl.exp(lp_d)
                         kl_dv = tl.where(p_d > 0, p_d * (lp_d - lq_d), 0.0)
