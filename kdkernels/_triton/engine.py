@@ -386,8 +386,8 @@ def _logit_distill_kernel(
             dot, nu, nv = _cos_group(pos_s, pos_t, pos_real)
             l_pos, c1_pos, c2_pos = _cos_coeffs(dot, nu, nv, tdl_w * tdl_pos)
             neg_real = (neg_idx >= 0) & (neg_idx != BIG_IDX)
-            in_pos = tl.sum((neg_idx[:, None] == pos_idx[None, :]).to(tl.int32), 1) > 0
-            cand_neg = neg_real & (~in_pos)
+            neg_in_pos = tl.sum((neg_idx[:, None] == pos_idx[None, :]).to(tl.int32), 1) > 0
+            cand_neg = neg_real & (~neg_in_pos)
             beats = (neg_key[None, :] > neg_key[:, None]) | ((neg_key[None, :] == neg_key[:, None]) & (neg_idx[None, :] < neg_idx[:, None]))
             n_rank = tl.sum((beats & cand_neg[None, :]).to(tl.int32), 1)
             neg_sel = cand_neg & (n_rank < TDL_K)

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 #: index of an empty top-k slot / of a column outside [0, C): larger than any real column
-BIG_IDX = 2147483647
+BIG_IDX = tl.constexpr(2147483647)
 
 
 @triton.jit

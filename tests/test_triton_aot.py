@@ -1,0 +1,51 @@
+"""Ahead-of-time compile of every shipped logit-engine configuration for sm_80 and sm_90 (no GPU needed):
+the interpreter accepts programs the GPU compiler rejects, so CI compiles the real thing too."""
+import pytest
+import torch
+
+from aot_util import aot_compile
+from parity import presets
+
+E = pytest.importorskip("kdkernels._triton.engine")
+
+TY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+FLOAT_ARGS = ("temperature", "gscale", "kd_w", "ce_w", "tckd_w", "nckd_w", "max_w", "dtkd_w", "local_w",
+              "rest_w", "rel_eps", "rel_delta", "rel_lambda", "tdl_w", "tdl_pos", "tdl_neg", "tdl_non",
+              "tsm_scale", "tsm_shift", "tsm_gt")
+
+
+def engine_job(spec, dtype, C, label, *, has_labels=True, temp_is_tensor=False):
+    flags = E.kernel_flags(spec, has_labels=has_labels, temp_is_tensor=temp_is_tensor,
+                           gscale_is_tensor=has_labels, write_grad=True, dtype=dtype, C=C)
+    flags["ACC"] = "tl.float64" if dtype == torch.float64 else "tl.float32"
+    ty, acc = TY[dtype], "fp64" if dtype == torch.float64 else "fp32"
+    sig = dict(s_ptr="*" + ty, t_ptr="*" + ty, labels_ptr="*i64", temp_ptr="*fp32", gscale_ptr="*fp32",
+               grad_ptr="*" + ty, loss_ptr="*" + acc, dtemp_ptr="*" + acc, C="i32", stride_s_row="i32",
+               stride_t_row="i32", stride_g_row="i32", stride_temp="i32", stride_gscale="i32",
+               ignore_index="i32", **{name: "fp64" for name in FLOAT_ARGS})
+    return {"kernel": "kdkernels._triton.engine:_logit_distill_kernel", "signature": sig,
+            "constexprs": flags, "num_warps": E.block_config(C)[2], "label": label}
+
+
+def shipped_jobs():
+    jobs = []
+    for name, spec in presets(1000).items():
+        # one row in registers (ImageNet) in fp32, streamed LLM rows in bf16, the fp64 gradcheck path
+        jobs.append(engine_job(spec, torch.float32, 1000, f"{name} fp32 C=1000 single-block"))
+        jobs.append(engine_job(spec, torch.bfloat16, 128_000, f"{name} bf16 C=128k streaming"))
+        jobs.append(engine_job(spec, torch.float64, 1000, f"{name} fp64 C=1000"))
+    kd = presets(1000)["kd"]
+    jobs.append(engine_job(kd, torch.float16, 32_000, "kd fp16 no labels", has_labels=False))
+    learnable = kd.replace(temperature=torch.ones(1, requires_grad=True))
+    jobs.append(engine_job(learnable, torch.float32, 1000, "kd learnable per-row T", temp_is_tensor=True))
+    for dtype in TY:
+        jobs.append({"kernel": "kdkernels._triton.engine:_scale_rows_kernel",
+                     "signature": {"grad_ptr": "*" + TY[dtype], "factor_ptr": "*fp32", "C": "i32",
+                                   "stride_g_row": "i32", "stride_factor": "i32"},
+                     "constexprs": {"BLOCK_C": 4096}, "num_warps": 8, "label": f"scale_rows {TY[dtype]}"})
+    return jobs
+
+
+def test_engine_compiles_for_sm80_and_sm90():
+    errors = aot_compile(shipped_jobs(), archs=(80, 90))
+    assert not errors, "\n".join(errors)
