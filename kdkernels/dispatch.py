@@ -67,6 +67,7 @@ def unavailable_reason(name: str, device: torch.device, family: str = "logit") -
     return reason if launcher is None else launcher.unavailable_reason(torch.device(device))
 
 
+@torch.compiler.assume_constant_result  # host-side choice: torch.compile calls it once per graph
 def resolve(backend: Optional[str], device: torch.device, family: str = "logit") -> str:
     """The backend name to run on ``device``: the explicit choice (or an error), or auto's pick."""
     if backend is None:

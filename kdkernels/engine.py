@@ -5,6 +5,8 @@ Launcher contract — every fused backend (``_triton``, ``cuda``, ``cpu``) expos
 ``unavailable_reason(device) -> str | None``
     why it cannot run on ``device`` (None when it can).
 ``forward(s, t, labels, temperature, spec, grad, grad_scale) -> (loss_rows, dtemp_rows)``
+    ``spec``: a :class:`~kdkernels.spec.PackedSpec` (``spec.pack()`` → the flat float/int lists,
+    ``spec.learnable_temperature``);
     ``s``, ``t``: ``[N, C]``, same dtype, ``stride(1) == 1``; ``labels``: int64 ``[N]`` or None;
     ``temperature``: float ``[N]`` (possibly stride 0) or None (then ``spec.temperature``, a float);
     ``grad``: ``[N, C]`` buffer of ``s.dtype`` (may alias ``s`` for ``inplace``) that receives
@@ -22,10 +24,10 @@ from typing import Optional
 
 import torch
 
-from .spec import LogitDistill
+from .spec import PackedSpec
 
 
-def valid_rows(labels: Optional[torch.Tensor], spec: LogitDistill, N: int):
+def valid_rows(labels: Optional[torch.Tensor], spec, N: int):
     """(#valid rows as a device tensor or int, per-row gradient scale of the reduction)."""
     if labels is None:
         count = N
@@ -58,7 +60,7 @@ class LogitDistillFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, s, t, labels, temperature, spec: LogitDistill, launcher):
+    def forward(ctx, s, t, labels, temperature, spec: PackedSpec, launcher):
         N = s.shape[0]
         count, grad_scale = valid_rows(labels, spec, N)
         want_grad = ctx.needs_input_grad[0]

@@ -58,7 +58,7 @@ def logit_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         if t2d.stride(-1) != 1:
             t2d = t2d.contiguous()
         launcher, _ = load_launcher("logit", name)
-        loss = LogitDistillFunction.apply(s2d, t2d, labels, temperature, spec, launcher)
+        loss = LogitDistillFunction.apply(s2d, t2d, labels, temperature, spec.packed(), launcher)
     if spec.reduction == "none":
         return loss.reshape(lead)
     if spec.contrastive_weight != 0:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 
@@ -249,6 +249,12 @@ class LogitDistill:
         )
         return [float(values[f]) for f in FLOAT_FIELDS], [int(values[f]) for f in INT_FIELDS]
 
+    def packed(self) -> "PackedSpec":
+        """The flat form the autograd Function and the launchers see (primitives only, so
+        torch.compile can carry it through the graph)."""
+        floats, ints = self.pack()
+        return PackedSpec(tuple(floats), tuple(ints), self.learnable_temperature, self.reduction, self.inplace)
+
     def replace(self, **changes) -> "LogitDistill":
         return dataclasses.replace(self, **changes)
 
@@ -264,3 +270,20 @@ INT_FIELDS = (
     "ignore_index", "standardize", "use_tsm", "tsm_k", "use_decoupled", "adaptive_tckd",
     "use_relation", "rel_k", "rank_by_teacher", "use_tdl", "tdl_k",
 )
+
+
+class PackedSpec(NamedTuple):
+    """A spec flattened for the kernels: ``floats``/``ints`` in ``FLOAT_FIELDS``/``INT_FIELDS`` order."""
+
+    floats: tuple
+    ints: tuple
+    learnable_temperature: bool
+    reduction: str
+    inplace: bool
+
+    def pack(self) -> tuple[list[float], list[int]]:
+        return list(self.floats), list(self.ints)
+
+    @property
+    def ignore_index(self) -> int:
+        return self.ints[INT_FIELDS.index("ignore_index")]

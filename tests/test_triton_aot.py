@@ -15,7 +15,8 @@ FLOAT_ARGS = ("temperature", "gscale", "kd_w", "ce_w", "tckd_w", "nckd_w", "max_
 
 
 def engine_job(spec, dtype, C, label, *, has_labels=True, temp_is_tensor=False):
-    flags = E.kernel_flags(spec, has_labels=has_labels, temp_is_tensor=temp_is_tensor,
+    flags = E.kernel_flags(E.unpack(*spec.pack()), learnable=spec.learnable_temperature,
+                           has_labels=has_labels, temp_is_tensor=temp_is_tensor,
                            gscale_is_tensor=has_labels, write_grad=True, dtype=dtype, C=C)
     flags["ACC"] = "tl.float64" if dtype == torch.float64 else "tl.float32"
     ty, acc = TY[dtype], "fp64" if dtype == torch.float64 else "fp32"

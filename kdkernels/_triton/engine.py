@@ -33,13 +33,14 @@ Bytes per row: read ``s`` and ``t`` once (more passes re-read them from L2 only 
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from ..dispatch import interpreting
+from ..spec import FLOAT_FIELDS, INT_FIELDS
 from .row_ops import (BIG_IDX, bernoulli_kl, lse_final, lse_update, moments_update, pick, ranks,
                       topk_init, topk_merge)
 
@@ -621,27 +622,89 @@ def block_config(C: int):
     return block, block >= C, num_warps
 
 
-def kernel_flags(spec, *, has_labels: bool, temp_is_tensor: bool, gscale_is_tensor: bool,
-                 write_grad: bool, dtype: torch.dtype, C: int) -> dict:
-    """The ``tl.constexpr`` switches of a spec: a preset pays only for the features it uses."""
-    tsm, rel, tdl = spec.teacher_topk_scale, spec.relation, spec.tdl
-    tsm_k = tsm.k if tsm else 1
-    rel_k = rel.k if rel else 1
-    tdl_k = tdl.k if tdl else 1
+def kernel_flags(p: dict, *, learnable: bool, has_labels: bool, temp_is_tensor: bool,
+                 gscale_is_tensor: bool, write_grad: bool, dtype: torch.dtype, C: int) -> dict:
+    """The ``tl.constexpr`` switches of a packed spec (``p``: field → value of ``LogitDistill.pack``):
+    a preset pays only for the features it uses."""
+    tsm_k = p["tsm_k"] if p["use_tsm"] else 1
+    rel_k = p["rel_k"] if p["use_relation"] else 1
+    tdl_k = p["tdl_k"] if p["use_tdl"] else 1
     block, single, _ = block_config(C)
+    standardize, use_dtkd = bool(p["standardize"]), p["dtkd_weight"] != 0
     return dict(
         HAS_LABELS=has_labels, TEMP_IS_TENSOR=temp_is_tensor, GSCALE_IS_TENSOR=gscale_is_tensor,
-        WRITE_GRAD=write_grad, WANT_DTEMP=spec.learnable_temperature,
-        USE_KD=spec.kd_weight != 0, USE_CE=spec.ce_weight != 0, STANDARDIZE=spec.standardize,
-        USE_TSM=tsm is not None, TSM_K=tsm_k,
-        USE_DEC=spec.decoupled is not None, ADAPTIVE=bool(spec.decoupled and spec.decoupled.adaptive),
-        USE_DTKD=spec.dtkd_weight != 0, USE_REL=rel is not None, REL_K=rel_k,
-        RANK_BY_TEACHER=bool(rel and rel.rank_by == "teacher"), USE_TDL=tdl is not None, TDL_K=tdl_k,
-        K_PAD=_next_pow2(max(tsm_k, rel_k, tdl_k, 2)), NEG_PAD=_next_pow2(max(2 * tdl_k, 2)),
-        NEED_SUMS=(write_grad and (spec.standardize or spec.dtkd_weight != 0)) or spec.learnable_temperature,
+        WRITE_GRAD=write_grad, WANT_DTEMP=learnable,
+        USE_KD=p["kd_weight"] != 0, USE_CE=p["ce_weight"] != 0, STANDARDIZE=standardize,
+        USE_TSM=bool(p["use_tsm"]), TSM_K=tsm_k,
+        USE_DEC=bool(p["use_decoupled"]), ADAPTIVE=bool(p["use_decoupled"] and p["adaptive_tckd"]),
+        USE_DTKD=use_dtkd, USE_REL=bool(p["use_relation"]), REL_K=rel_k,
+        RANK_BY_TEACHER=bool(p["use_relation"] and p["rank_by_teacher"]), USE_TDL=bool(p["use_tdl"]),
+        TDL_K=tdl_k, K_PAD=_next_pow2(max(tsm_k, rel_k, tdl_k, 2)), NEG_PAD=_next_pow2(max(2 * tdl_k, 2)),
+        NEED_SUMS=(write_grad and (standardize or use_dtkd)) or learnable,
         BLOCK_C=block, SINGLE_BLOCK=single,
         ACC=tl.float64 if dtype == torch.float64 else tl.float32,
     )
+
+
+def unpack(floats, ints) -> dict:
+    return dict(zip(FLOAT_FIELDS, floats)) | dict(zip(INT_FIELDS, ints))
+
+
+def _wrap(kernel):
+    """``torch.library.wrap_triton`` where the installed torch has it (so torch.compile sees the
+    launch), else the plain kernel."""
+    wrap = getattr(torch.library, "wrap_triton", None)
+    return wrap(kernel) if wrap is not None else kernel
+
+
+def logit_distill_fwd(s: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor],
+                      temperature: Optional[torch.Tensor], grad: Optional[torch.Tensor],
+                      grad_scale: Optional[torch.Tensor], grad_scale_value: float, floats: List[float],
+                      ints: List[int], learnable: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One launch of the engine over all rows: per-row losses and ∂ℓ_n/∂T_n (empty unless
+    ``learnable``); writes ``grad`` when given. ``grad_scale`` (tensor) or ``grad_scale_value``."""
+    N, C = s.shape
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    loss_rows = torch.empty(N, dtype=acc, device=s.device)
+    dtemp = torch.empty(N if learnable else 0, dtype=acc, device=s.device)
+    p = unpack(floats, ints)
+    flags = kernel_flags(p, learnable=learnable, has_labels=labels is not None,
+                         temp_is_tensor=temperature is not None, gscale_is_tensor=grad_scale is not None,
+                         write_grad=grad is not None, dtype=s.dtype, C=C)
+    if N == 0:
+        return loss_rows, dtemp
+    _wrap(_logit_distill_kernel)[(N,)](
+        s, t, labels if labels is not None else loss_rows,
+        temperature if temperature is not None else loss_rows,
+        grad_scale if grad_scale is not None else loss_rows,
+        grad if grad is not None else loss_rows, loss_rows, dtemp if learnable else loss_rows,
+        C, s.stride(0), t.stride(0), grad.stride(0) if grad is not None else 0,
+        temperature.stride(0) if temperature is not None else 0,
+        grad_scale.stride(0) if grad_scale is not None else 0, int(p["ignore_index"]),
+        p["temperature"], grad_scale_value, p["kd_weight"], p["ce_weight"], p["tckd_weight"],
+        p["nckd_weight"], p["max_weight"], p["dtkd_weight"], p["local_weight"], p["rest_weight"],
+        p["rel_eps"], p["rel_delta"], p["rel_lambda"], p["tdl_weight"], p["tdl_pos"], p["tdl_neg"],
+        p["tdl_non"], p["tsm_scale"], p["tsm_shift"], p["tsm_gt_scale"],
+        num_warps=block_config(C)[2], **flags,
+    )
+    return loss_rows, dtemp
+
+
+def scale_rows_(grad: torch.Tensor, factor: torch.Tensor) -> None:
+    """grad[n, :] *= factor[n] in place; rows with factor exactly 1.0 are skipped on the device."""
+    N, C = grad.shape
+    if N == 0:
+        return
+    block, _, num_warps = block_config(C)
+    _wrap(_scale_rows_kernel)[(N,)](grad, factor, C, grad.stride(0), factor.stride(0), BLOCK_C=block,
+                                   num_warps=num_warps)
+
+
+# torch.library registration: the launches become ops that torch.compile can trace (fullgraph on GPU)
+if hasattr(torch.library, "triton_op"):
+    logit_distill_fwd = torch.library.triton_op("kdkernels::triton_logit_distill", logit_distill_fwd,
+                                                mutates_args={"grad"})
+    scale_rows_ = torch.library.triton_op("kdkernels::triton_scale_rows_", scale_rows_, mutates_args={"grad"})
 
 
 class TritonLauncher:
@@ -657,45 +720,15 @@ class TritonLauncher:
         return f"Triton does not run on {device.type} tensors"
 
     def forward(self, s, t, labels, temperature, spec, grad, grad_scale):
-        N, C = s.shape
-        acc = torch.float64 if s.dtype == torch.float64 else torch.float32
-        loss_rows = torch.empty(N, dtype=acc, device=s.device)
-        dtemp = torch.empty(N, dtype=acc, device=s.device) if spec.learnable_temperature else None
         floats, ints = spec.pack()
-        f = dict(zip(spec_float_names(), floats))
-        gscale_is_tensor = isinstance(grad_scale, torch.Tensor)
-        flags = kernel_flags(spec, has_labels=labels is not None, temp_is_tensor=temperature is not None,
-                             gscale_is_tensor=gscale_is_tensor, write_grad=grad is not None,
-                             dtype=s.dtype, C=C)
-        _, _, num_warps = block_config(C)
-        dummy = loss_rows
-        _logit_distill_kernel[(N,)](
-            s, t, labels if labels is not None else dummy,
-            temperature if temperature is not None else dummy,
-            grad_scale if gscale_is_tensor else dummy,
-            grad if grad is not None else dummy, loss_rows, dtemp if dtemp is not None else dummy,
-            C, s.stride(0), t.stride(0), grad.stride(0) if grad is not None else 0,
-            temperature.stride(0) if temperature is not None else 0,
-            grad_scale.stride(0) if gscale_is_tensor else 0, spec.ignore_index,
-            f["temperature"], 1.0 if gscale_is_tensor else float(grad_scale),
-            f["kd_weight"], f["ce_weight"], f["tckd_weight"], f["nckd_weight"], f["max_weight"],
-            f["dtkd_weight"], f["local_weight"], f["rest_weight"], f["rel_eps"], f["rel_delta"],
-            f["rel_lambda"], f["tdl_weight"], f["tdl_pos"], f["tdl_neg"], f["tdl_non"],
-            f["tsm_scale"], f["tsm_shift"], f["tsm_gt_scale"],
-            num_warps=num_warps, **flags,
-        )
-        return loss_rows, dtemp
+        tensor_scale = isinstance(grad_scale, torch.Tensor)
+        loss_rows, dtemp = logit_distill_fwd(
+            s, t, labels, temperature, grad, grad_scale if tensor_scale else None,
+            1.0 if tensor_scale else float(grad_scale), floats, ints, spec.learnable_temperature)
+        return loss_rows, (dtemp if spec.learnable_temperature else None)
 
     def scale_(self, grad, factor):
-        N, C = grad.shape
-        block, _, num_warps = block_config(C)
-        _scale_rows_kernel[(N,)](grad, factor, C, grad.stride(0), factor.stride(0), BLOCK_C=block,
-                                 num_warps=num_warps)
-
-
-def spec_float_names():
-    from ..spec import FLOAT_FIELDS
-    return FLOAT_FIELDS
+        scale_rows_(grad, factor)
 
 
 launcher = TritonLauncher()
