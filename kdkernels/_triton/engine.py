@@ -41,7 +41,7 @@ import triton.language as tl
 
 from ..dispatch import interpreting
 from ..spec import FLOAT_FIELDS, INT_FIELDS
-from .row_ops import (BIG_IDX, bernoulli_kl, lse_final, lse_update, moments_update, pick, ranks,
+from .row_ops import (BIG_IDX, bernoulli_kl, lse_final, lse_init, lse_update, moments_update, pick, ranks,
                       topk_init, topk_merge)
 
 #: largest row kept in registers (a single pass over memory); longer rows stream in blocks of this size
@@ -85,6 +85,18 @@ def _transform(s_raw, t_raw, cols, mean_s, inv_s, mean_t, inv_t, tsm_idx, tsm_mu
             hit = hit | hit_j
         t = tl.where(hit, mult * t + tsm_add, t)
     return s, t
+
+
+@triton.jit
+def _load_block(s_row, t_row, cols, C, s_cache, t_cache, mean_s, inv_s, mean_t, inv_t, tsm_idx, tsm_mult,
+                tsm_add, tsm_y, tsm_y_mult, STANDARDIZE: tl.constexpr, USE_TSM: tl.constexpr,
+                TSM_K: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """(raw student, s̃, t̃) of one block of the row."""
+    s_raw = _load_row(s_row, cols, C, s_cache, SINGLE_BLOCK, ACC)
+    t_raw = _load_row(t_row, cols, C, t_cache, SINGLE_BLOCK, ACC)
+    s, t = _transform(s_raw, t_raw, cols, mean_s, inv_s, mean_t, inv_t, tsm_idx, tsm_mult, tsm_add,
+                      tsm_y, tsm_y_mult, STANDARDIZE, USE_TSM, TSM_K)
+    return s_raw, s, t
 
 
 @triton.jit
@@ -252,16 +264,11 @@ def _logit_distill_kernel(
                 tsm_y = tl.where(y_in_top, -1, y)
 
         # ---- P3: LSEs, maxima, target logits, top-k lists -------------------------------------
-        m_s = zero + NEG_INF
-        d_s = zero
-        m_t = zero + NEG_INF
-        d_t = zero
-        m_snt = zero + NEG_INF
-        d_snt = zero
-        m_tnt = zero + NEG_INF
-        d_tnt = zero
-        m_raw = zero + NEG_INF
-        d_raw = zero
+        m_s, d_s = lse_init(zero)
+        m_t, d_t = lse_init(zero)
+        m_snt, d_snt = lse_init(zero)
+        m_tnt, d_tnt = lse_init(zero)
+        m_raw, d_raw = lse_init(zero)
         s_y = zero
         t_y = zero
         s_raw_y = zero
@@ -273,10 +280,9 @@ def _logit_distill_kernel(
         neg_key, neg_idx, neg_s, neg_t = topk_init(2 * TDL_K, NEG_PAD, ACC)
         for start in range(0, C, BLOCK_C):
             cols = start + offs
-            s_raw = _load_row(s_row, cols, C, s_cache, SINGLE_BLOCK, ACC)
-            t_raw = _load_row(t_row, cols, C, t_cache, SINGLE_BLOCK, ACC)
-            s, t = _transform(s_raw, t_raw, cols, mean_s, inv_s, mean_t, inv_t, tsm_idx, tsm_mult,
-                              tsm_add, tsm_y, tsm_y_mult, STANDARDIZE, USE_TSM, TSM_K)
+            s_raw, s, t = _load_block(s_row, t_row, cols, C, s_cache, t_cache, mean_s, inv_s, mean_t, inv_t,
+                                     tsm_idx, tsm_mult, tsm_add, tsm_y, tsm_y_mult, STANDARDIZE, USE_TSM,
+                                     TSM_K, SINGLE_BLOCK, ACC)
             zs = s / T
             zt = t / T
             m_s, d_s = lse_update(m_s, d_s, zs)
@@ -405,23 +411,18 @@ def _logit_distill_kernel(
         c1_non = zero
         c2_non = zero
         if USE_REL or USE_TDL or USE_DTKD:
-            m_sR = zero + NEG_INF
-            d_sR = zero
-            m_tR = zero + NEG_INF
-            d_tR = zero
-            m_sd = zero + NEG_INF
-            d_sd = zero
-            m_td = zero + NEG_INF
-            d_td = zero
+            m_sR, d_sR = lse_init(zero)
+            m_tR, d_tR = lse_init(zero)
+            m_sd, d_sd = lse_init(zero)
+            m_td, d_td = lse_init(zero)
             dot_n = zero
             nu_n = zero
             nv_n = zero
             for start in range(0, C, BLOCK_C):
                 cols = start + offs
-                s_raw = _load_row(s_row, cols, C, s_cache, SINGLE_BLOCK, ACC)
-                t_raw = _load_row(t_row, cols, C, t_cache, SINGLE_BLOCK, ACC)
-                s, t = _transform(s_raw, t_raw, cols, mean_s, inv_s, mean_t, inv_t, tsm_idx, tsm_mult,
-                                  tsm_add, tsm_y, tsm_y_mult, STANDARDIZE, USE_TSM, TSM_K)
+                s_raw, s, t = _load_block(s_row, t_row, cols, C, s_cache, t_cache, mean_s, inv_s, mean_t, inv_t,
+                                         tsm_idx, tsm_mult, tsm_add, tsm_y, tsm_y_mult, STANDARDIZE, USE_TSM,
+                                         TSM_K, SINGLE_BLOCK, ACC)
                 if USE_REL:
                     in_I = _lookup(cols, rel_idx, rel_idx, BIG_IDX, REL_K) != BIG_IDX
                     m_sR, d_sR = lse_update(m_sR, d_sR, tl.where(in_I, NEG_INF, s / T))
@@ -488,10 +489,9 @@ def _logit_distill_kernel(
                     row_scale = gscale + zero
                 for start in range(0, C, BLOCK_C):
                     cols = start + offs
-                    s_raw = _load_row(s_row, cols, C, s_cache, SINGLE_BLOCK, ACC)
-                    t_raw = _load_row(t_row, cols, C, t_cache, SINGLE_BLOCK, ACC)
-                    s, t = _transform(s_raw, t_raw, cols, mean_s, inv_s, mean_t, inv_t, tsm_idx,
-                                      tsm_mult, tsm_add, tsm_y, tsm_y_mult, STANDARDIZE, USE_TSM, TSM_K)
+                    s_raw, s, t = _load_block(s_row, t_row, cols, C, s_cache, t_cache, mean_s, inv_s, mean_t, inv_t,
+                                             tsm_idx, tsm_mult, tsm_add, tsm_y, tsm_y_mult, STANDARDIZE, USE_TSM,
+                                             TSM_K, SINGLE_BLOCK, ACC)
                     zs = s / T
                     zt = t / T
                     g = tl.zeros([BLOCK_C], ACC)

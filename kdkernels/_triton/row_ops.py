@@ -16,6 +16,12 @@ BIG_IDX = tl.constexpr(2147483647)
 
 
 @triton.jit
+def lse_init(zero):
+    """An empty online-LSE state (m = −inf, d = 0) of ``zero``'s dtype."""
+    return zero - float("inf"), zero
+
+
+@triton.jit
 def lse_update(m, d, x):
     """Fold block ``x`` into the online LSE state ``(m, d)``."""
     m_new = tl.maximum(m, tl.max(x, 0))
