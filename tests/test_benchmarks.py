@@ -1,0 +1,249 @@
+"""The benchmark harness on tiny shapes with the reference provider (CPU, a few seconds)."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks import plots, report, run, verify  # noqa: E402
+from benchmarks.harness import COLUMNS, Runner  # noqa: E402
+from benchmarks.providers import INTERPRET_REASON, Compiled, Eager, Kdkernels, Provider, select  # noqa: E402
+from benchmarks.shapes import Case, make_inputs, min_bytes, min_flops, suite_cases  # noqa: E402
+
+CPU = torch.device("cpu")
+FAST = dict(warmup_ms=1.0, rep_ms=2.0, progress=False, min_reps=2)
+
+
+def tiny(method="kd", N=8, C=40, dtype="fp32"):
+    return Case("tiny", method, N, C, dtype)
+
+
+class Raising(Provider):
+    name, description = "raising", "raises inside the loss"
+
+    def build(self, case, device):
+        def f(s, t, y):
+            raise RuntimeError("boom from a broken provider")
+        return f
+
+
+class Missing(Provider):
+    name, description = "missing", "never available"
+
+    def unavailable_reason(self, case, device):
+        return "not installed on this machine"
+
+
+class Wrong(Provider):
+    """Plain KD at the wrong temperature: close enough to look plausible, wrong enough to be caught."""
+    name, description = "wrong", "kd at T=3.9"
+
+    def build(self, case, device):
+        import kdkernels as kdk
+        return lambda s, t, y: kdk.kd_loss(s, t, 3.9, backend="reference")
+
+
+class OutOfMemory(Provider):
+    name, description = "oom", "runs out of memory"
+
+    def build(self, case, device):
+        def f(s, t, y):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 64.00 GiB")
+        return f
+
+
+def by(rows, provider, mode=None):
+    return [r for r in rows if r["provider"] == provider and (mode is None or r["mode"] == mode)]
+
+
+def test_bytes_formula():
+    c = tiny(N=8, C=40, dtype="fp32")
+    assert min_bytes(c, "fwd") == 2 * 8 * 40 * 4          # read s, read t
+    assert min_bytes(c, "fwd+bwd") == 3 * 8 * 40 * 4      # + write the gradient once
+    assert min_bytes(tiny(dtype="bf16"), "fwd+bwd") == 3 * 8 * 40 * 2
+    assert min_flops(c, "fwd") == 0
+    m = Case("tiny", "infonce", 16, 8, "fp32")
+    assert min_bytes(m, "fwd") == 2 * 16 * 8 * 4 and min_flops(m, "fwd+bwd") == 4 * 16 * 16 * 8
+
+
+def test_suites_have_the_named_shapes():
+    imagenet = suite_cases("imagenet", "cuda")
+    assert {(c.N, c.C) for c in imagenet} == {(256, 1000), (512, 1000), (1024, 1000), (2048, 1000)}
+    assert {c.dtype for c in imagenet} == {"fp32", "bf16"}
+    llm = suite_cases("llm", "cuda")
+    assert {c.C for c in llm} == {32768, 131072, 262144} and {c.N for c in llm} >= {4096, 32768}
+    assert {c.dtype for c in llm} == {"bf16"}
+    assert {c.N for c in suite_cases("contrastive", "cuda")} == {256, 1024, 4096, 16384}
+    quick_cpu = suite_cases("quick", "cpu")
+    assert {c.method for c in quick_cpu} == {"kd", "dkd", "dtkd", "ldrld", "topkd", "aekt"}
+    assert {(c.N, c.C, c.dtype) for c in quick_cpu} == {(256, 1000, "fp32")}
+    assert (4096, 32768, "bf16") in {(c.N, c.C, c.dtype) for c in suite_cases("quick", "cuda")}
+    assert suite_cases("imagenet", "cpu", methods=["kd"], dtypes=["bf16"])[0].dtype == "bf16"
+
+
+def test_rows_are_produced_verified_and_timed():
+    cases = [tiny("kd"), tiny("dkd"), Case("tiny", "infonce", 16, 8, "fp32")]
+    runner = Runner([Eager()], CPU, copy_GBps=10.0, matmul_TFLOPs={"fp32": 0.1}, **FAST)
+    rows = runner.run(cases)
+    assert len(rows) == len(cases) * 2
+    for r in rows:
+        assert set(COLUMNS) <= set(r)
+        assert r["status"] == "ok", r
+        assert r["time_ms"] > 0 and r["p20_ms"] <= r["time_ms"] <= r["p80_ms"]
+        assert r["bytes_min"] == (2 if r["mode"] == "fwd" else 3) * r["N"] * r["C"] * 4
+        assert r["GBps"] == pytest.approx(r["bytes_min"] / (r["time_ms"] * 1e6))
+        assert r["pct_copy"] == pytest.approx(100 * r["GBps"] / 10.0)
+        assert r["loss_err"] < 1e-5 and r["peak_extra_MiB"] is None  # no CUDA allocator on CPU
+        assert (r["grad_err"] is None) == (r["mode"] == "fwd")
+    contrastive = [r for r in rows if r["family"] == "contrastive"]
+    assert all(r["TFLOPs"] > 0 and r["pct_matmul"] is not None for r in contrastive)
+
+
+def test_failing_missing_wrong_and_oom_providers_are_rows_not_crashes():
+    rows = Runner([Raising(), Missing(), Wrong(), OutOfMemory(), Eager()], CPU, **FAST).run([tiny("kd")])
+    assert len(rows) == 5 * 2
+    for r in by(rows, "raising"):
+        assert r["status"] == "failed" and "boom from a broken provider" in r["reason"]
+    for r in by(rows, "missing"):
+        assert r["status"] == "skipped" and r["reason"] == "not installed on this machine"
+    for r in by(rows, "wrong"):
+        assert r["status"] == "failed" and "float64 reference" in r["reason"], r
+        assert r["loss_err"] > verify.TOLERANCE["fp32"] and r["time_ms"] is None
+    for r in by(rows, "oom"):
+        assert r["status"] == "skipped" and r["reason"].startswith("out of memory")
+    assert all(r["status"] == "ok" for r in by(rows, "eager"))  # the run went on after the failures
+
+
+def test_cases_too_large_for_the_device_are_skipped_rows():
+    rows = Runner([Eager()], CPU, max_elements=100, **FAST).run([tiny(N=8, C=40)])
+    assert [r["status"] for r in rows] == ["skipped", "skipped"] and "--max-elements" in rows[0]["reason"]
+    llm = Runner([Eager()], CPU, **FAST)
+    assert llm.max_elements == 1 << 26
+
+
+def test_a_provider_that_fails_to_build_or_to_say_why():
+    class NoBuild(Provider):
+        name = "nobuild"
+
+        def build(self, case, device):
+            raise ImportError("kernel module missing")
+
+    class BadReason(Provider):
+        name = "badreason"
+
+        def unavailable_reason(self, case, device):
+            raise ValueError("cannot tell")
+
+    rows = Runner([NoBuild(), BadReason()], CPU, **FAST).run([tiny()])
+    assert [r["status"] for r in rows] == ["failed"] * 4
+    assert "kernel module missing" in rows[0]["reason"] and "cannot tell" in rows[2]["reason"]
+
+
+def test_chunked_reference_and_sampled_gradient(monkeypatch):
+    """The float64 reference in row chunks (as at LLM shapes) agrees, and still catches a wrong provider."""
+    monkeypatch.setattr(verify, "CHUNK_ELEMENTS", 2 * 40)      # 2 rows per chunk
+    monkeypatch.setattr(verify, "FULL_GRAD_ELEMENTS", 10 * 40)  # sample the gradient's chunks
+    case = tiny("kd", N=19, C=40)
+    ref = verify.Reference(case, *make_inputs(case, CPU))
+    chunks = ref.chunks(sampled=True)
+    assert chunks[0][0] == 0 and chunks[-1][1] == 19 and len(chunks) == verify.SAMPLED_CHUNKS
+    assert len(ref.chunks(sampled=False)) == 10
+    rows = Runner([Eager(), Wrong()], CPU, modes=("fwd+bwd",), **FAST).run([case])
+    eager, wrong = by(rows, "eager")[0], by(rows, "wrong")[0]
+    assert eager["status"] == "ok" and eager["grad_err"] < 1e-5, eager
+    assert eager["verified"] == "loss+grad(15/19 rows)"
+    assert wrong["status"] == "failed"
+
+
+def test_verification_tolerance_is_per_dtype():
+    assert verify.TOLERANCE["fp64"] < verify.TOLERANCE["fp32"] < verify.TOLERANCE["bf16"]
+    rows = Runner([Eager()], CPU, modes=("fwd+bwd",), **FAST).run([tiny(dtype="bf16"), tiny(dtype="fp64")])
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+
+
+def test_triton_is_never_timed_under_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert Kdkernels("triton").unavailable_reason(tiny(), CPU) == INTERPRET_REASON
+    only_kd = Compiled(("kd",), "compile only kd here")
+    assert only_kd.unavailable_reason(tiny("dkd"), CPU) == "compile only kd here"
+    assert only_kd.unavailable_reason(tiny("kd"), CPU) is None
+
+
+def test_provider_selection_and_aliases():
+    from benchmarks.providers import all_providers
+    names = [p.name for p in select(["reference", "triton"], all_providers())]
+    assert names == ["kdk-triton", "eager"]
+    assert {p.name for p in select(["kdkernels"], all_providers())} == {"kdk-triton", "kdk-cuda", "kdk-cpu"}
+    with pytest.raises(ValueError, match="unknown provider"):
+        select(["nope"], all_providers())
+
+
+def test_csv_markdown_and_provenance(tmp_path):
+    rows = Runner([Eager(), Missing(), Raising()], CPU, copy_GBps=10.0, **FAST).run([tiny()])
+    prov = {"device": "test cpu", "torch": torch.__version__, "triton": "x", "git_commit": "abc",
+            "date": "today", "TRITON_INTERPRET": "(unset)"}
+    paths = report.write_all(str(tmp_path), "tiny", rows, prov, {"copy bandwidth": "10 GB/s"}, "title")
+    with open(paths["csv"]) as f:
+        lines = f.read().splitlines()
+    comments = [ln for ln in lines if ln.startswith("# ")]
+    for key in ("device:", "torch:", "triton:", "git_commit:", "date:", "TRITON_INTERPRET:", "copy bandwidth:"):
+        assert any(ln.startswith("# " + key) for ln in comments), key
+    assert any("fwd = 2·N·C·itemsize" in ln and "fwd+bwd = 3·N·C·itemsize" in ln for ln in comments)
+    table = list(csv.DictReader([ln for ln in lines if not ln.startswith("#")]))
+    assert list(table[0])[:len(COLUMNS)] == COLUMNS and "x_vs_eager" in table[0]
+    assert {r["status"] for r in table} == {"ok", "skipped", "failed"}
+    md = open(paths["md"]).read()
+    assert "| method | shape |" in md and "2·N·C·itemsize" in md and "not installed on this machine" in md
+    assert "boom from a broken provider" in report.table(rows, markdown=False)
+
+
+def test_speedups_compare_providers_on_the_same_case():
+    base = {k: None for k in COLUMNS}
+    base.update(suite="s", method="kd", N=1, C=2, dtype="fp32", mode="fwd", family="logit", status="ok")
+    rows = [dict(base, provider="a", time_ms=1.0), dict(base, provider="b", time_ms=4.0),
+            dict(base, provider="a", time_ms=1.0, mode="fwd+bwd")]
+    assert report.add_speedups(rows) == ["a", "b"]
+    assert rows[0]["x_vs_b"] == 4.0 and rows[1]["x_vs_a"] == 0.25 and rows[0]["x_vs_a"] is None
+    assert rows[2]["x_vs_b"] is None
+
+
+def test_plots_are_written_or_skipped_with_a_note(tmp_path):
+    rows = Runner([Eager()], CPU, modes=("fwd",), copy_GBps=10.0, **FAST).run([tiny(N=4), tiny(N=8)])
+    paths, note = plots.write_plots(str(tmp_path), "tiny", rows)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert paths == [] and "matplotlib" in note
+    else:
+        assert note is None and [os.path.basename(p) for p in paths] == ["tiny-kd-fp32.png"]
+        assert os.path.getsize(paths[0]) > 1000
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    code = run.main(["--suite", "tiny", "--methods", "kd,infonce", "--providers", "eager,liger,kdk-cpu",
+                     "--device", "cpu", "--out", str(tmp_path), "--no-plots", "--quiet",
+                     "--warmup-ms", "1", "--rep-ms", "2", "--copy-mib", "4"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "time ms" in out and "eager" in out and "wall time" in out
+    assert os.path.exists(tmp_path / "tiny.csv") and os.path.exists(tmp_path / "tiny.md")
+    text = open(tmp_path / "tiny.csv").read()
+    assert "liger" in text  # a Liger row for kd: skipped with the reason (not installed / no CUDA here)
+
+
+def test_gpu_check_script_parses():
+    script = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    dry = subprocess.run(["bash", script, "--dry-run", "all"], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, OUT=""), timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    for needle in ("pip install --no-deps --no-build-isolation -e .", "KDKERNELS_BUILD_CUDA=1",
+                   "KDKERNELS_TEST_DEVICE=cuda", "--suite imagenet", "--suite llm", "--suite contrastive"):
+        assert needle in dry.stdout, needle
+    assert "TRITON_INTERPRET=1" not in dry.stdout
