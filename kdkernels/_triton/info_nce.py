@@ -30,19 +30,29 @@ extra tensor):
   ``W @ b̂`` (``tl.dot``, accumulation dtype) and ``Σ_j W_ij S_ij``; then applies the normalisation's
   Jacobian and writes ``∂loss/∂a`` in ``a``'s dtype. ``grad_output`` is read on the device (no sync).
 
-Bytes moved (``e`` = element size, ``R = ⌈M/BM⌉``; ideal = read a and b once, write the gradient once,
-``2GMDe`` forward and ``3GMDe`` with the backward): forward reads ``2·G·M·D·e·(1 + R)`` (every program
-re-reads the other side; L2-resident for moderate M) and writes ``6·G·M·acc`` bytes of statistics;
-backward reads ``G·M·D·e·(1 + 2R·⌈D/BD⌉)`` + statistics and writes ``G·M·D·e``. FLOPs: ``4·G·M²·D``
-forward (both directions), ``2·G·M²·D·(⌈D/BD⌉ + 1)`` backward (S is recomputed once per output chunk;
-one chunk when ``D ≤ BD``).
+Bytes moved (``e`` = element size, ``R = ⌈M/BM⌉`` row blocks, ``C = ⌈D/BD⌉`` chunks of D). The
+minimum is reading a and b once (``2·G·M·D·e``) plus writing ∂loss/∂a once (``G·M·D·e``) and ``O(G·M)``
+statistics. The forward's programs each read the whole other side, so the loads issued are
+``≈ 2·G·M·D·e·(1 + 2R)`` — DRAM traffic stays near ``2·G·M·D·e·R`` worst case and near the minimum when
+a group's ``M·D`` fits in L2 (``M·D·e`` = 2 MiB at M = 4096, D = 256, bf16) — and it writes
+``3·2·G·M`` accumulation-dtype statistics (not ``M²``). The backward issues ``≈ G·M·D·e·2R·C`` loads
+(S is recomputed once per output chunk; ``C = 1`` when ``D ≤ BD``) and writes ``G·M·D·e``. FLOPs:
+``4·G·M²·D`` forward (both directions), ``2·G·M²·D·(C + 1)`` backward. Extra memory: the three
+``[2, G, M]`` statistics — the reference materialises ``S`` and its softmaxes, ``O(G·M²)``.
 
 Precision: 16-bit inputs go into ``tl.dot`` as they are (exact products, fp32 accumulation); fp32 uses
 ``input_precision="ieee"`` (set ``ALLOW_TF32 = True`` to trade ~1e-3 relative error for tensor cores);
-float64 inputs are computed in float64 throughout (``tl.dot`` on fp64 is accepted by the interpreter
-— a numpy matmul — and compiles for sm_80/sm_90), which is what ``gradcheck`` needs. The accumulation
-dtype is taken from the statistics buffers (fp32, or fp64 for fp64 inputs); τ enters as an fp32 hi/lo
-pair (Triton passes Python floats as fp32), recombined in the accumulation dtype.
+float64 inputs are computed in float64 throughout (``tl.dot`` on fp64 runs as numpy's matmul in the
+interpreter and compiles for sm_80/sm_90 — checked ahead of time), which is what ``gradcheck`` needs.
+The accumulation dtype is taken from the statistics buffers' element type (fp32, or fp64 for fp64
+inputs); τ enters as an fp32 hi/lo pair (Triton passes Python floats as fp32), recombined in the
+accumulation dtype; ε is built in the accumulation dtype. The backward's ``W @ b̂`` runs in the
+accumulation dtype: W is not rounded to 16 bits (near convergence ``W_ii = P_ii + P'_ii − 2`` cancels).
+
+Interpreter notes (CPU, ``TRITON_INTERPRET=1`` at import): its ``tl.dot`` cannot multiply bf16 (stored
+as uint16), so 16-bit operands are upcast to fp32 first (``UPCAST``, exact); its matmul is a slow loop,
+so the row tiles shrink to ``M`` there; and the ops register as an opaque ``custom_op`` (``triton_op``
+would trace the interpreted kernel with fake tensors under ``torch.compile``).
 
 ``tl.dot`` on the GPU needs every tile dimension ≥ 16 (K ≥ 16): ``BM, BN ≥ 16`` and ``BD ≥ 16``, ``D``
 padded to a multiple of ``BD`` by masked loads. :func:`shipped_configs` lists every configuration the
@@ -57,14 +67,15 @@ import torch
 import triton
 import triton.language as tl
 
-#: F.normalize's ε (the reference uses F.normalize)
-NORM_EPS = 1e-12
 #: fp32 inputs: use TF32 tensor cores in tl.dot (faster, ~1e-3 relative error) instead of IEEE fp32
 ALLOW_TF32 = False
 #: tile-size overrides (None = the heuristic): tests set these to force the multi-tile paths at small M
 BLOCK_M: Optional[int] = None
 BLOCK_N: Optional[int] = None
 BLOCK_D: Optional[int] = None
+
+#: kernels decorated under the interpreter (TRITON_INTERPRET=1 at import) run on CPU tensors only so
+_INTERPRETED_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 #: the Triton launches made by this module (tests count them; reset by assigning 0)
 launch_count = 0
@@ -74,24 +85,10 @@ launch_count = 0
 # kernels
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _mm(x, y, acc, TF32: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + x @ y in acc's dtype; fp32 operands in IEEE precision unless TF32. UPCAST: 16-bit operands
-    go in as fp32 (exact products; the interpreter's dot cannot multiply bf16, stored as uint16)."""
-    if UPCAST:
-        x = x.to(acc.dtype)
-        y = y.to(acc.dtype)
-    if TF32:
-        acc = tl.dot(x, y, acc, input_precision="tf32", out_dtype=acc.dtype)
-    else:
-        acc = tl.dot(x, y, acc, input_precision="ieee", out_dtype=acc.dtype)
-    return acc
-
-
-@triton.jit
 def _info_nce_fwd_kernel(a_ptr, b_ptr, lse_ptr, terms_ptr, rn_ptr,
                          G, M, D, stride_g, stride_m, tau_hi, tau_lo,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         TF32: tl.constexpr, UPCAST: tl.constexpr):
+                         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
     g = tl.program_id(1)
     direction = tl.program_id(2)
@@ -111,32 +108,35 @@ def _info_nce_fwd_kernel(a_ptr, b_ptr, lse_ptr, terms_ptr, rn_ptr,
     row_off = offs_m.to(tl.int64)[:, None] * stride_m
 
     # inverse norms of this program's x rows
-    sq = tl.zeros([BLOCK_M], dtype=acc_ty)
+    sq = tl.full([BLOCK_M], 0.0, dtype=acc_ty)
     for k in range(0, D, BLOCK_D):
         mask_d = (k + offs_d) < D
         x = tl.load(x_ptr + row_off + (k + offs_d)[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         x = x.to(acc_ty)
         sq += tl.sum(x * x, 1)
-    rn_x = 1.0 / tl.maximum(tl.sqrt(sq), 1e-12)
+    rn_x = 1.0 / tl.maximum(tl.sqrt(sq), tl.full([BLOCK_M], 1e-12, dtype=acc_ty))  # ε exact in fp64
     row_scale = rn_x * inv_tau
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=acc_ty)
-    l_i = tl.zeros([BLOCK_M], dtype=acc_ty)
-    diag = tl.zeros([BLOCK_M], dtype=acc_ty)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=acc_ty)
+    diag = tl.full([BLOCK_M], 0.0, dtype=acc_ty)
     for n0 in range(0, M, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < M
         col_off = offs_n.to(tl.int64)[:, None] * stride_m
-        dot = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_ty)
-        ysq = tl.zeros([BLOCK_N], dtype=acc_ty)
+        dot = tl.full([BLOCK_M, BLOCK_N], 0.0, dtype=acc_ty)
+        ysq = tl.full([BLOCK_N], 0.0, dtype=acc_ty)
         for k in range(0, D, BLOCK_D):
             mask_d = (k + offs_d) < D
             x = tl.load(x_ptr + row_off + (k + offs_d)[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
             y = tl.load(y_ptr + col_off + (k + offs_d)[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            dot = _mm(x, tl.trans(y), dot, TF32, UPCAST)
+            if UPCAST:
+                x = x.to(acc_ty)
+                y = y.to(acc_ty)
+            dot = tl.dot(x, tl.trans(y), dot, input_precision=DOT_PRECISION, out_dtype=acc_ty)
             yf = y.to(acc_ty)
             ysq += tl.sum(yf * yf, 1)
-        rn_y = 1.0 / tl.maximum(tl.sqrt(ysq), 1e-12)
+        rn_y = 1.0 / tl.maximum(tl.sqrt(ysq), tl.full([BLOCK_N], 1e-12, dtype=acc_ty))
         s = dot * row_scale[:, None] * rn_y[None, :]
         s = tl.where(mask_n[None, :], s, float("-inf"))
         is_diag = offs_m[:, None] == offs_n[None, :]
@@ -156,7 +156,7 @@ def _info_nce_fwd_kernel(a_ptr, b_ptr, lse_ptr, terms_ptr, rn_ptr,
 def _info_nce_bwd_kernel(a_ptr, b_ptr, lse_ptr, rn_ptr, gout_ptr, grad_ptr,
                          G, M, D, stride_g, stride_m, tau_hi, tau_lo,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         TF32: tl.constexpr, UPCAST: tl.constexpr):
+                         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
     g = tl.program_id(1)
     acc_ty = rn_ptr.dtype.element_ty
@@ -165,7 +165,7 @@ def _info_nce_bwd_kernel(a_ptr, b_ptr, lse_ptr, rn_ptr, gout_ptr, grad_ptr,
     b_ptr += base
     grad_ptr += base
     inv_tau = 1.0 / (tl.cast(tau_hi, acc_ty) + tl.cast(tau_lo, acc_ty))
-    kappa = tl.load(gout_ptr).to(acc_ty) / (2 * G * M).to(acc_ty)
+    kappa = tl.load(gout_ptr).to(acc_ty) * 0.5 / G / M      # G, M may be constexpr 1
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
@@ -177,22 +177,25 @@ def _info_nce_bwd_kernel(a_ptr, b_ptr, lse_ptr, rn_ptr, gout_ptr, grad_ptr,
     lse_r = tl.load(lse_ptr + stat_r + offs_m, mask=mask_m, other=0.0)
     row_scale = rn_a * inv_tau
     # the normalisation's Jacobian projects out â unless the norm was clamped to ε
-    keep_proj = tl.where(rn_a < 1e12, 1.0, 0.0).to(acc_ty)
+    keep_proj = tl.where(rn_a * tl.full([BLOCK_M], 1e-12, dtype=acc_ty) < 0.999999, 1.0, 0.0).to(acc_ty)
 
     for d0 in range(0, D, BLOCK_D):
         mask_o = (d0 + offs_d) < D
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_ty)   # Σ_j W_ij b̂_j, this output chunk
-        ws = tl.zeros([BLOCK_M], dtype=acc_ty)              # Σ_j W_ij S_ij
+        acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=acc_ty)   # Σ_j W_ij b̂_j, this output chunk
+        ws = tl.full([BLOCK_M], 0.0, dtype=acc_ty)              # Σ_j W_ij S_ij
         for n0 in range(0, M, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < M
             col_off = offs_n.to(tl.int64)[:, None] * stride_m
-            dot = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_ty)
+            dot = tl.full([BLOCK_M, BLOCK_N], 0.0, dtype=acc_ty)
             for k in range(0, D, BLOCK_D):
                 mask_d = (k + offs_d) < D
                 x = tl.load(a_ptr + row_off + (k + offs_d)[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
                 y = tl.load(b_ptr + col_off + (k + offs_d)[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-                dot = _mm(x, tl.trans(y), dot, TF32, UPCAST)
+                if UPCAST:
+                    x = x.to(acc_ty)
+                    y = y.to(acc_ty)
+                dot = tl.dot(x, tl.trans(y), dot, input_precision=DOT_PRECISION, out_dtype=acc_ty)
             rn_b = tl.load(rn_ptr + stat_c + offs_n, mask=mask_n, other=0.0)
             lse_c = tl.load(lse_ptr + stat_c + offs_n, mask=mask_n, other=0.0)
             s = dot * row_scale[:, None] * rn_b[None, :]
@@ -202,7 +205,7 @@ def _info_nce_bwd_kernel(a_ptr, b_ptr, lse_ptr, rn_ptr, gout_ptr, grad_ptr,
             ws += tl.sum(w * s, 1)
             yb = tl.load(b_ptr + col_off + (d0 + offs_d)[None, :], mask=mask_n[:, None] & mask_o[None, :], other=0.0)
             yb = yb.to(acc_ty) * rn_b[:, None]
-            acc = _mm(w, yb, acc, TF32, False)
+            acc = tl.dot(w, yb, acc, input_precision=DOT_PRECISION, out_dtype=acc_ty)
         xa = tl.load(a_ptr + row_off + (d0 + offs_d)[None, :], mask=mask_m[:, None] & mask_o[None, :], other=0.0)
         xa = xa.to(acc_ty) * rn_a[:, None]
         proj = kappa * ws * keep_proj                        # â_i·g_i
@@ -222,16 +225,34 @@ def _pow2_at_least(n: int, lo: int) -> int:
     return max(lo, triton.next_power_of_2(max(int(n), 1)))
 
 
-def tiles(M: int, D: int, dtype: torch.dtype, block_m: int = 0, block_n: int = 0, block_d: int = 0):
-    """(BM, BN, BD, num_warps) for a launch; arguments > 0 (or the module overrides) win."""
+def default_tiles(D: int, dtype: torch.dtype):
+    """The heuristic (BM, BN, BD, num_warps): every value it can return is in :func:`shipped_configs`."""
     wide = dtype == torch.float64
-    bm = block_m or BLOCK_M or (32 if wide else 64)
-    bn = block_n or BLOCK_N or (32 if wide else 64)
-    bd = block_d or BLOCK_D or min(_pow2_at_least(D, 16), 64 if wide else 128)
+    bm = bn = 32 if wide else 64
+    # fp32/fp64 stop at BD = 64: at 128 the fp32 forward needs 132 KB of shared memory, more than sm_86 /
+    # sm_89 offer (99 KB); 16-bit operands go to 128 (48 KB). D > BD loops over D in BD chunks.
+    bd = min(_pow2_at_least(D, 16), 128 if dtype in (torch.bfloat16, torch.float16) else 64)
+    return bm, bn, bd, (8 if bd >= 128 else 4)
+
+
+def tiles(M: int, D: int, dtype: torch.dtype, block_m: int = 0, block_n: int = 0, block_d: int = 0):
+    """(BM, BN, BD, num_warps) for a launch: arguments > 0, else the module overrides, else the heuristic."""
+    bm, bn, bd, warps = default_tiles(D, dtype)
+    if _INTERPRETED_AT_IMPORT:
+        # the interpreter's tl.dot is numpy's matmul with dtype= (a plain loop, ~36 ms for 64×128×64):
+        # shrink the row tiles to the problem there; the GPU keeps the shipped (compile-checked) tiles
+        bm = bn = min(bm, _pow2_at_least(M, 16))
+    bm = block_m or BLOCK_M or bm
+    bn = block_n or BLOCK_N or bn
+    bd = block_d or BLOCK_D or bd
     for name, v in (("block_m", bm), ("block_n", bn), ("block_d", bd)):
         if v < 16 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two >= 16 (tl.dot tiles), got {v}")
-    return bm, bn, bd, (8 if bd >= 128 else 4)
+    return bm, bn, bd, warps
+
+
+def _precision(a: torch.Tensor) -> str:
+    return "tf32" if ALLOW_TF32 and a.dtype == torch.float32 else "ieee"
 
 
 def _upcast(a: torch.Tensor) -> bool:
@@ -257,7 +278,7 @@ def _fwd_impl(a: torch.Tensor, b: torch.Tensor, tau: float, block_m: int, block_
     launch_count += 1
     _wrap(_info_nce_fwd_kernel)[(triton.cdiv(M, bm), G, 2)](
         a, b, lse, terms, rn, G, M, D, M * D, D, hi, lo,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, TF32=bool(ALLOW_TF32 and a.dtype == torch.float32), UPCAST=_upcast(a),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=_precision(a), UPCAST=_upcast(a),
         num_warps=warps)
     return terms, lse, rn
 
@@ -273,16 +294,18 @@ def _bwd_impl(grad_out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lse: tor
     launch_count += 1
     _wrap(_info_nce_bwd_kernel)[(triton.cdiv(M, bm), G)](
         a, b, lse, rn, grad_out.reshape(1), grad, G, M, D, M * D, D, hi, lo,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, TF32=bool(ALLOW_TF32 and a.dtype == torch.float32), UPCAST=_upcast(a),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=_precision(a), UPCAST=_upcast(a),
         num_warps=warps)
     return grad
 
 
 # torch.library registration: triton_op + wrap_triton (torch >= 2.6) so torch.compile sees through the
-# launches on the GPU; custom_op + a fake implementation otherwise.
-_HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
-_wrap = torch.library.wrap_triton if _HAS_TRITON_OP else (lambda kernel: kernel)
-_register = torch.library.triton_op if _HAS_TRITON_OP else torch.library.custom_op
+# launches on the GPU; an opaque custom_op + a fake implementation otherwise, and under the interpreter,
+# where triton_op's fake-tensor tracing would run the interpreted kernel on fake tensors.
+USE_TRITON_OP = (hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+                 and not _INTERPRETED_AT_IMPORT)
+_wrap = torch.library.wrap_triton if USE_TRITON_OP else (lambda kernel: kernel)
+_register = torch.library.triton_op if USE_TRITON_OP else torch.library.custom_op
 
 
 @_register("kdkernels::info_nce_fwd", mutates_args=())
@@ -299,7 +322,7 @@ def info_nce_bwd(grad_out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lse: 
     return _bwd_impl(grad_out, a, b, lse, rn, tau, block_m, block_n, block_d)
 
 
-if not _HAS_TRITON_OP:
+if not USE_TRITON_OP:
     @info_nce_fwd.register_fake
     def _(a, b, tau, block_m, block_n, block_d):
         G, M, _ = a.shape
@@ -359,32 +382,29 @@ class _Launcher:
         return InfoNCEFunction.apply(a, b.detach(), float(tau), int(block_m), int(block_n), int(block_d))
 
 
-_INTERPRETED_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 launcher = _Launcher()
 
 
 def shipped_configs():
-    """Every (kernel, signature, constexprs, num_warps) the launcher can pick, for the AOT compile check."""
+    """Every kernel configuration the launcher can pick (each dtype × each BD the heuristic can return ×
+    TF32 on/off for fp32), as jobs for ``tests/aot_util.aot_compile`` (ahead-of-time GPU compile)."""
     ptr = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float64: "*fp64"}
-    out = []
+    scalars = dict(G="i32", M="i32", D="i32", stride_g="i32", stride_m="i32", tau_hi="fp32", tau_lo="fp32")
+    jobs = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        acc = ptr[acc_dtype(dtype)]
-        widest = 64 if dtype == torch.float64 else 128
-        for d in (16, 32, 64, 128):
-            if d > widest:
-                continue
-            bm, bn, bd, warps = tiles(1, d, dtype)
-            const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, TF32=False, UPCAST=False)
-            scalars = dict(G="i32", M="i32", D="i32", stride_g="i32", stride_m="i32", tau_hi="fp32", tau_lo="fp32")
-            fwd = dict(a_ptr=ptr[dtype], b_ptr=ptr[dtype], lse_ptr=acc, terms_ptr=acc, rn_ptr=acc, **scalars)
-            bwd = dict(a_ptr=ptr[dtype], b_ptr=ptr[dtype], lse_ptr=acc, rn_ptr=acc, gout_ptr=acc,
-                       grad_ptr=ptr[dtype], **scalars)
-            for name, sig in (("_info_nce_fwd_kernel", fwd), ("_info_nce_bwd_kernel", bwd)):
-                consts = dict(const)
-                if dtype == torch.float32:
-                    consts_tf32 = dict(const, TF32=True)
-                    out.append(dict(kernel=f"{__name__}:{name}", signature=sig, constexprs=consts_tf32,
-                                    num_warps=warps, label=f"{name} {dtype} BD={bd} tf32"))
-                out.append(dict(kernel=f"{__name__}:{name}", signature=sig, constexprs=consts,
-                                num_warps=warps, label=f"{name} {dtype} BM={bm} BN={bn} BD={bd}"))
-    return out
+        x, acc = ptr[dtype], ptr[acc_dtype(dtype)]
+        signatures = {
+            "_info_nce_fwd_kernel": dict(a_ptr=x, b_ptr=x, lse_ptr=acc, terms_ptr=acc, rn_ptr=acc, **scalars),
+            "_info_nce_bwd_kernel": dict(a_ptr=x, b_ptr=x, lse_ptr=acc, rn_ptr=acc, gout_ptr=acc, grad_ptr=x,
+                                         **scalars),
+        }
+        for d in sorted({default_tiles(d, dtype)[2] for d in (1, 16, 32, 64, 128, 1 << 20)}):
+            bm, bn, bd, warps = default_tiles(d, dtype)
+            for precision in (("ieee", "tf32") if dtype == torch.float32 else ("ieee",)):
+                for name, sig in signatures.items():
+                    jobs.append(dict(kernel=f"{__name__}:{name}", signature=sig, num_warps=warps,
+                                     constexprs=dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=precision,
+                                                     UPCAST=False),
+                                     label=f"{name} {str(dtype)[6:]} BM={bm} BN={bn} BD={bd}"
+                                           f" {precision} warps={warps}"))
+    return jobs
