@@ -62,8 +62,24 @@ def logit_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     if spec.reduction == "none":
         return loss.reshape(lead)
     if spec.contrastive_weight != 0:
-        loss = loss + spec.contrastive_weight * info_nce(s2d[None], t2d[None], spec.contrastive_tau, backend=backend)
+        loss = loss + spec.contrastive_weight * _logit_contrastive(s2d, t2d, labels, spec, backend)
     return loss
+
+
+def _logit_contrastive(s2d, t2d, labels, spec: LogitDistill, backend: str) -> torch.Tensor:
+    """TopKD's batch-coupled InfoNCE over the logit rows (losses.md §6): one group of the valid rows.
+
+    Ignored rows are left out of the group (selecting them costs one device sync, and only when labels
+    are given); masked (−inf) classes are dropped from the vectors (set to 0) before normalisation.
+    """
+    if labels is not None:
+        keep = labels != spec.ignore_index
+        s2d, t2d = s2d[keep], t2d[keep]
+        if s2d.shape[0] == 0:
+            return s2d.sum() * 0.0
+    s_c = torch.where(s2d == -math.inf, torch.zeros_like(s2d), s2d)
+    t_c = torch.where(t2d == -math.inf, torch.zeros_like(t2d), t2d)
+    return info_nce(s_c[None], t_c[None], spec.contrastive_tau, backend=backend)
 
 
 def _spec(temperature, reduction, ignore_index, standardize, ce_weight, teacher_topk_scale, check,
@@ -133,6 +149,7 @@ def topkd_loss(logits_student, logits_teacher, labels=None, k=5, temperature=4.0
     a, b, c = tdl_weights
     spec = _spec(temperature, reduction, ignore_index, standardize, ce_weight,
                  TopKScale(k=k, scale=scale, shift=shift, gt_scale=gt_scale), check, inplace,
-                 kd_weight=kd_weight, tdl=TopKDecoupled(k=k, weight=tdl_weight, pos=a, neg=b, non=c),
+                 kd_weight=kd_weight,
+                 tdl=TopKDecoupled(k=k, weight=tdl_weight, pos=a, neg=b, non=c) if tdl_weight != 0 else None,
                  contrastive_weight=contrastive_weight, contrastive_tau=contrastive_tau)
     return logit_distill(logits_student, logits_teacher, labels, spec, backend=backend)

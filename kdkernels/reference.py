@@ -243,16 +243,6 @@ def logit_distill_rows(s: torch.Tensor, t: torch.Tensor, labels: Optional[torch.
     return rows * torch.where(bad, math.nan, 1.0).to(rows.dtype)
 
 
-def reduce_rows(rows: torch.Tensor, valid_count: torch.Tensor, reduction: str) -> torch.Tensor:
-    """batchmean = Σ rows / #valid rows (0 when there are none), sum, or none."""
-    if reduction == "none":
-        return rows
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    return total / valid_count.clamp(min=1).to(total.dtype)
-
-
 # ---------------------------------------------------------------------------------------------
 # batch-coupled contrastive terms (losses.md §8)
 # ---------------------------------------------------------------------------------------------

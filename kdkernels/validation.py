@@ -77,5 +77,7 @@ def check_values(s2d, t2d, labels, C: int, ignore_index: int, temperature=None) 
         if bool(bad.any()):
             row = int(bad.nonzero()[0, 0])
             raise ValueError(f"{name} row {row} contains +inf or NaN (only -inf, a masked class, is allowed)")
-    if temperature is not None and bool((temperature.detach() <= 0).any()):
-        raise ValueError("temperature tensor has non-positive entries")
+    if temperature is not None:
+        T = temperature.detach()
+        if bool((~torch.isfinite(T) | (T <= 0)).any()):
+            raise ValueError("temperature tensor has non-positive entries (or NaN/inf)")
