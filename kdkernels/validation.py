@@ -50,7 +50,7 @@ def flatten_labels(labels, lead_shape, device) -> Optional[torch.Tensor]:
         raise ValueError(f"labels must have shape {tuple(lead_shape)} (the logits' leading dims), got {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"labels must be on the logits' device {device}, got {labels.device}")
-    return labels.reshape(-1).long()
+    return labels.reshape(-1).to(torch.int64).contiguous()  # kernels read labels[row] densely
 
 
 def flatten_temperature(T: torch.Tensor, lead_shape, N: int, device) -> torch.Tensor:

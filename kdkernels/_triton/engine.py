@@ -27,8 +27,10 @@ read from memory once and kept in registers, longer rows stream in ``BLOCK_C`` b
     P5 loss and the row sums the gradient needs (standardize, DTKD's argmax column, learnable T)
     P6 gradient write (loss too when P5 did not run)
 
-Bytes per row: read ``s`` and ``t`` once (more passes re-read them from L2 only for rows longer than
-``BLOCK_C``), write the gradient once, write 4–8 bytes of loss; no ``[N, C]`` temporaries.
+Bytes per row: a row of ≤ ``BLOCK_C`` columns reads ``s`` and ``t`` once and writes the gradient once
+(the 3-transfer floor) plus 4–8 bytes of loss; no ``[N, C]`` temporaries. A longer row is read once per
+pass (two passes for KD/DKD): the later pass runs backwards with L2 eviction hints so that part of
+it hits L2, but LLM rows (≥ 256 KB each, many rows in flight) mostly come from HBM twice.
 """
 from __future__ import annotations
 
@@ -53,12 +55,15 @@ COS_EPS = 1e-8
 
 
 @triton.jit
-def _load_row(row_ptr, cols, C, cache, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """A block of one row in the accumulation dtype; columns ≥ C read as −inf (masked)."""
+def _load_row(row_ptr, cols, C, cache, SINGLE_BLOCK: tl.constexpr, LAST_USE: tl.constexpr, ACC: tl.constexpr):
+    """A block of one row in the accumulation dtype; columns ≥ C read as −inf (masked). Streamed rows
+    are re-read by later passes: keep them in L2 (evict_last) until the last pass (evict_first)."""
     if SINGLE_BLOCK:
         x = cache
+    elif LAST_USE:
+        x = tl.load(row_ptr + cols, mask=cols < C, other=-float("inf"), eviction_policy="evict_first").to(ACC)
     else:
-        x = tl.load(row_ptr + cols, mask=cols < C, other=-float("inf")).to(ACC)
+        x = tl.load(row_ptr + cols, mask=cols < C, other=-float("inf"), eviction_policy="evict_last").to(ACC)
     return x
 
 
@@ -90,10 +95,10 @@ def _transform(s_raw, t_raw, cols, mean_s, inv_s, mean_t, inv_t, tsm_idx, tsm_mu
 @triton.jit
 def _load_block(s_row, t_row, cols, C, s_cache, t_cache, mean_s, inv_s, mean_t, inv_t, tsm_idx, tsm_mult,
                 tsm_add, tsm_y, tsm_y_mult, STANDARDIZE: tl.constexpr, USE_TSM: tl.constexpr,
-                TSM_K: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr):
+                TSM_K: tl.constexpr, SINGLE_BLOCK: tl.constexpr, LAST_USE: tl.constexpr, ACC: tl.constexpr):
     """(raw student, s̃, t̃) of one block of the row."""
-    s_raw = _load_row(s_row, cols, C, s_cache, SINGLE_BLOCK, ACC)
-    t_raw = _load_row(t_row, cols, C, t_cache, SINGLE_BLOCK, ACC)
+    s_raw = _load_row(s_row, cols, C, s_cache, SINGLE_BLOCK, LAST_USE, ACC)
+    t_raw = _load_row(t_row, cols, C, t_cache, SINGLE_BLOCK, LAST_USE, ACC)
     s, t = _transform(s_raw, t_raw, cols, mean_s, inv_s, mean_t, inv_t, tsm_idx, tsm_mult, tsm_add,
                       tsm_y, tsm_y_mult, STANDARDIZE, USE_TSM, TSM_K)
     return s_raw, s, t
@@ -157,7 +162,7 @@ def _logit_distill_kernel(
     g_row = grad_ptr + row * stride_g_row
     offs = tl.arange(0, BLOCK_C)
     NEG_INF = -float("inf")
-    zero = tl.sum(tl.zeros([BLOCK_C], ACC), 0)  # a float scalar of the accumulation dtype
+    zero = tl.full([], 0.0, ACC)
     temperature = tl.cast(temperature, ACC)
     gscale = tl.cast(gscale, ACC)
     kd_w = tl.cast(kd_w, ACC)
@@ -179,15 +184,33 @@ def _logit_distill_kernel(
     tsm_shift = tl.cast(tsm_shift, ACC)
     tsm_gt = tl.cast(tsm_gt, ACC)
 
+    # every per-row load is issued up front (one dependent memory trip per row); an ignored row's
+    # logits are masked out of the loads, so it reads nothing
+    row_live = offs < C
     if HAS_LABELS:
         y = tl.load(labels_ptr + row)
         ignored = y == ignore_index
         bad = (y < 0) | (y >= C)
-        y = tl.where(bad, 0, y)
+        y = tl.where(bad, 0, y).to(tl.int32)
+        row_live = row_live & (~ignored)
     else:
         y = 0
         ignored = False
         bad = False
+    if TEMP_IS_TENSOR:
+        T = tl.load(temp_ptr + row * stride_temp).to(ACC)
+    else:
+        T = temperature + zero
+    if GSCALE_IS_TENSOR:
+        row_scale = tl.load(gscale_ptr + row * stride_gscale).to(ACC)
+    else:
+        row_scale = gscale + zero
+    if SINGLE_BLOCK:
+        s_cache = tl.load(s_row + offs, mask=row_live, other=NEG_INF).to(ACC)
+        t_cache = tl.load(t_row + offs, mask=row_live, other=NEG_INF).to(ACC)
+    else:
+        s_cache = tl.zeros([BLOCK_C], ACC)
+        t_cache = tl.zeros([BLOCK_C], ACC)
 
     if ignored:
         tl.store(loss_ptr + row, zero)
@@ -198,17 +221,6 @@ def _logit_distill_kernel(
                 cols = start + offs
                 tl.store(g_row + cols, tl.zeros([BLOCK_C], ACC).to(grad_ptr.dtype.element_ty), mask=cols < C)
     else:
-        if TEMP_IS_TENSOR:
-            T = tl.load(temp_ptr + row * stride_temp).to(ACC)
-        else:
-            T = temperature + zero
-        if SINGLE_BLOCK:
-            s_cache = tl.load(s_row + offs, mask=offs < C, other=NEG_INF).to(ACC)
-            t_cache = tl.load(t_row + offs, mask=offs < C, other=NEG_INF).to(ACC)
-        else:
-            s_cache = tl.zeros([BLOCK_C], ACC)
-            t_cache = tl.zeros([BLOCK_C], ACC)
-
         # ---- P1: standardisation moments -------------------------------------------------------
         mean_s = zero
         inv_s = zero + 1.0
@@ -222,8 +234,8 @@ def _logit_distill_kernel(
             m2_t = zero
             for start in range(0, C, BLOCK_C):
                 cols = start + offs
-                s_raw = _load_row(s_row, cols, C, s_cache, SINGLE_BLOCK, ACC)
-                t_raw = _load_row(t_row, cols, C, t_cache, SINGLE_BLOCK, ACC)
+                s_raw = _load_row(s_row, cols, C, s_cache, SINGLE_BLOCK, False, ACC)
+                t_raw = _load_row(t_row, cols, C, t_cache, SINGLE_BLOCK, False, ACC)
                 n_s, mean_s, m2_s = moments_update(n_s, mean_s, m2_s, s_raw, s_raw != NEG_INF)
                 n_t, mean_t, m2_t = moments_update(n_t, mean_t, m2_t, t_raw, t_raw != NEG_INF)
             sigma_s = tl.sqrt(m2_s / tl.maximum(n_s - 1.0, 1.0))
@@ -242,7 +254,7 @@ def _logit_distill_kernel(
             t_cnt = zero
             for start in range(0, C, BLOCK_C):
                 cols = start + offs
-                t_raw = _load_row(t_row, cols, C, t_cache, SINGLE_BLOCK, ACC)
+                t_raw = _load_row(t_row, cols, C, t_cache, SINGLE_BLOCK, False, ACC)
                 if STANDARDIZE:
                     t_raw = _standardized(t_raw, mean_t, inv_t)
                 live = t_raw != NEG_INF
@@ -282,7 +294,7 @@ def _logit_distill_kernel(
             cols = start + offs
             s_raw, s, t = _load_block(s_row, t_row, cols, C, s_cache, t_cache, mean_s, inv_s, mean_t, inv_t,
                                      tsm_idx, tsm_mult, tsm_add, tsm_y, tsm_y_mult, STANDARDIZE, USE_TSM,
-                                     TSM_K, SINGLE_BLOCK, ACC)
+                                     TSM_K, SINGLE_BLOCK, False, ACC)
             zs = s / T
             zt = t / T
             m_s, d_s = lse_update(m_s, d_s, zs)
@@ -422,7 +434,7 @@ def _logit_distill_kernel(
                 cols = start + offs
                 s_raw, s, t = _load_block(s_row, t_row, cols, C, s_cache, t_cache, mean_s, inv_s, mean_t, inv_t,
                                          tsm_idx, tsm_mult, tsm_add, tsm_y, tsm_y_mult, STANDARDIZE, USE_TSM,
-                                         TSM_K, SINGLE_BLOCK, ACC)
+                                         TSM_K, SINGLE_BLOCK, False, ACC)
                 if USE_REL:
                     in_I = _lookup(cols, rel_idx, rel_idx, BIG_IDX, REL_K) != BIG_IDX
                     m_sR, d_sR = lse_update(m_sR, d_sR, tl.where(in_I, NEG_INF, s / T))
@@ -482,16 +494,17 @@ def _logit_distill_kernel(
                     if USE_DTKD:
                         sgz += extra * v_max  # the argmax column's extra gradient, z̃_m = v
                     gz_coef = tl.where(sigma_s > 0, sgz / (tl.maximum(n_s - 1.0, 1.0) * tl.where(sigma_s > 0, sigma_s, 1.0)), 0.0)
-                row_scale = zero + 1.0
-                if GSCALE_IS_TENSOR:
-                    row_scale = tl.load(gscale_ptr + row * stride_gscale).to(ACC)
-                else:
-                    row_scale = gscale + zero
-                for start in range(0, C, BLOCK_C):
+                for i in range(0, C, BLOCK_C):
+                    # P5 and a P6 that follows P3/P4 directly run backwards: the blocks read last
+                    # are the ones most likely still in L2
+                    if p == 0 or not NEED_SUMS:
+                        start = (C - 1) // BLOCK_C * BLOCK_C - i
+                    else:
+                        start = i
                     cols = start + offs
                     s_raw, s, t = _load_block(s_row, t_row, cols, C, s_cache, t_cache, mean_s, inv_s, mean_t, inv_t,
                                              tsm_idx, tsm_mult, tsm_add, tsm_y, tsm_y_mult, STANDARDIZE, USE_TSM,
-                                             TSM_K, SINGLE_BLOCK, ACC)
+                                             TSM_K, SINGLE_BLOCK, p == 1, ACC)
                     zs = s / T
                     zt = t / T
                     g = tl.zeros([BLOCK_C], ACC)
