@@ -43,7 +43,7 @@ import triton.language as tl
 
 from ..dispatch import interpreting
 from ..spec import FLOAT_FIELDS, INT_FIELDS
-from .row_ops import (BIG_IDX, bernoulli_kl, lse_final, lse_init, lse_update, moments_update, pick, ranks,
+from .row_ops import (BIG_IDX, bernoulli_kl, logaddexp, lse_final, lse_init, lse_update, moments_update, pick, ranks,
                       topk_init, topk_merge)
 
 #: largest row kept in registers (a single pass over memory); longer rows stream in blocks of this size
@@ -287,6 +287,11 @@ def _logit_distill_kernel(
         v_max = zero + NEG_INF
         v_arg = tl.zeros([], tl.int32) + BIG_IDX
         x_max = zero + NEG_INF
+        if USE_DEC or USE_CE:
+            # the target logits: two scalar loads, transformed like the rest of their row
+            s_raw_y = tl.load(s_row + y).to(ACC)
+            s_y, t_y = _transform(s_raw_y, tl.load(t_row + y).to(ACC), y, mean_s, inv_s, mean_t, inv_t,
+                                  tsm_idx, tsm_mult, tsm_add, tsm_y, tsm_y_mult, STANDARDIZE, USE_TSM, TSM_K)
         rel_key, rel_idx, rel_s, rel_t = topk_init(REL_K, K_PAD, ACC)
         pos_key, pos_idx, pos_s, pos_t = topk_init(TDL_K, K_PAD, ACC)
         neg_key, neg_idx, neg_s, neg_t = topk_init(2 * TDL_K, NEG_PAD, ACC)
@@ -297,17 +302,16 @@ def _logit_distill_kernel(
                                      TSM_K, SINGLE_BLOCK, False, ACC)
             zs = s / T
             zt = t / T
-            m_s, d_s = lse_update(m_s, d_s, zs)
-            m_t, d_t = lse_update(m_t, d_t, zt)
             if USE_DEC:
+                # non-target LSEs only; the full ones follow exactly as logaddexp(LSE_{≠y}, z_y)
                 is_y = cols == y
                 m_snt, d_snt = lse_update(m_snt, d_snt, tl.where(is_y, NEG_INF, zs))
                 m_tnt, d_tnt = lse_update(m_tnt, d_tnt, tl.where(is_y, NEG_INF, zt))
-                s_y += tl.sum(tl.where(is_y, s, 0.0), 0)
-                t_y += tl.sum(tl.where(is_y, t, 0.0), 0)
+            else:
+                m_s, d_s = lse_update(m_s, d_s, zs)
+                m_t, d_t = lse_update(m_t, d_t, zt)
             if USE_CE:
                 m_raw, d_raw = lse_update(m_raw, d_raw, s_raw)
-                s_raw_y += tl.sum(tl.where(cols == y, s_raw, 0.0), 0)
             if USE_DTKD:
                 b_max = tl.max(s, 0)
                 b_arg = tl.min(tl.where(s == b_max, cols, BIG_IDX), 0)
@@ -324,19 +328,21 @@ def _logit_distill_kernel(
                 pos_key, pos_idx, pos_s, pos_t = topk_merge(pos_key, pos_idx, pos_s, pos_t, t, cand, s, t, K_PAD)
                 low = tl.where(t == NEG_INF, NEG_INF, -t)  # the smallest first; masked classes last
                 neg_key, neg_idx, neg_s, neg_t = topk_merge(neg_key, neg_idx, neg_s, neg_t, low, cand, s, t, NEG_PAD)
-        lse_s = lse_final(m_s, d_s)
-        lse_t = lse_final(m_t, d_t)
+        if USE_DEC:
+            lse_snt = lse_final(m_snt, d_snt)
+            lse_tnt = lse_final(m_tnt, d_tnt)
+            lse_s = logaddexp(lse_snt, s_y / T)
+            lse_t = logaddexp(lse_tnt, t_y / T)
+        else:
+            lse_s = lse_final(m_s, d_s)
+            lse_t = lse_final(m_t, d_t)
         loss_row = zero  # the row-scalar parts of the loss (CE, TCKD, L_local, TDL)
 
         # DKD / AEKT row scalars
         q_y = zero
         p_y = zero
         alpha_n = zero
-        lse_snt = zero
-        lse_tnt = zero
         if USE_DEC:
-            lse_snt = lse_final(m_snt, d_snt)
-            lse_tnt = lse_final(m_tnt, d_tnt)
             log_qy = s_y / T - lse_s
             log_py = t_y / T - lse_t
             log_1mqy = lse_snt - lse_s
@@ -460,8 +466,8 @@ def _logit_distill_kernel(
                 lse_td = lse_final(m_td, d_td)
 
         # ---- P5: loss and the row sums the gradient needs ------------------------------------
-        s_hi = m_s * T  # shifts that keep the temperature-derivative sums well conditioned
-        t_hi = m_t * T
+        s_hi = lse_s * T  # shifts that keep the temperature-derivative sums well conditioned
+        t_hi = lse_t * T
         loss_el = zero
         sum_g = zero
         sum_gz = zero

@@ -37,6 +37,14 @@ def lse_final(m, d):
 
 
 @triton.jit
+def logaddexp(a, b):
+    """log(exp a + exp b) without leaving log space; −inf when both are −inf."""
+    m = tl.maximum(a, b)
+    base = tl.where(m == -float("inf"), 0.0, m)
+    return base + tl.log(tl.exp(a - base) + tl.exp(b - base))
+
+
+@triton.jit
 def moments_update(n, mean, m2, x, live):
     """Merge the live entries of block ``x`` into the running (count, mean, M2)."""
     nb = tl.sum(live.to(x.dtype), 0)
