@@ -38,8 +38,11 @@ def extensions():
         say("torch not importable in the build environment (use --no-build-isolation): skipping kdkernels._C")
         return [], {}
 
-    cxx = ["-O3", "-std=c++17"]
-    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+    # -fno-trapping-math / -fno-math-errno: no FP-exception or errno semantics are used, and they let the
+    # CPU twin's select-only loops (and its polynomial exp) vectorise
+    cxx = ["-O3", "-std=c++17", "-fno-trapping-math", "-fno-math-errno"]
+    # no --use_fast_math: the engine relies on IEEE division/exp (exact top-k membership tests, fp32 parity)
+    nvcc = ["-O3", "-std=c++17", "-lineinfo"]
     define_macros = []
     libraries, extra_link = [], []
     if sys.platform.startswith("linux"):

@@ -10,13 +10,13 @@ Launcher contract — every fused backend (``_triton``, ``cuda``, ``cpu``) expos
     ``s``, ``t``: ``[N, C]``, same dtype, ``stride(1) == 1``; ``labels``: int64 ``[N]`` or None;
     ``temperature``: float ``[N]`` (possibly stride 0) or None (then ``spec.temperature``, a float);
     ``grad``: ``[N, C]`` buffer of ``s.dtype`` (may alias ``s`` for ``inplace``) that receives
-    ``grad_scale·∂ℓ_n/∂s_n``, or None when no gradient is needed; ``grad_scale``: a float or a float32
-    tensor ``[N]`` (possibly stride 0) read on the device. Returns per-row losses ``[N]`` (float32, or
+    ``grad_scale·∂ℓ_n/∂s_n``, or None when no gradient is needed; ``grad_scale``: a float or a tensor
+    ``[N]`` of the loss dtype (possibly stride 0) read on the device. Returns per-row losses ``[N]`` (float32, or
     float64 for float64 inputs; ignored rows 0, bad-label rows NaN) and, when the spec has a learnable
     temperature, ``∂ℓ_n/∂T_n`` ``[N]`` (else None). One launch per pass, no host sync.
 ``scale_(grad, factor)``
-    ``grad[n, :] *= factor[n]`` in place, ``factor`` a ``[N]`` tensor (possibly stride 0) read on the
-    device; rows whose factor is exactly 1.0 are skipped (the usual ``loss.backward()`` costs nothing).
+    ``grad[n, :] *= factor[n]`` in place, ``factor`` a ``[N]`` tensor of the loss dtype (possibly
+    stride 0) read on the device; rows whose factor is exactly 1.0 are skipped (the usual ``loss.backward()`` costs nothing).
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ import torch
 from .spec import PackedSpec
 
 
-def valid_rows(labels: Optional[torch.Tensor], spec, N: int):
-    """(#valid rows as a device tensor or int, per-row gradient scale of the reduction)."""
+def valid_rows(labels: Optional[torch.Tensor], spec, N: int, dtype=torch.float32):
+    """(#valid rows as a device tensor or int, per-row gradient scale of the reduction in ``dtype``)."""
     if labels is None:
         count = N
     else:
@@ -37,7 +37,7 @@ def valid_rows(labels: Optional[torch.Tensor], spec, N: int):
         return count, 1.0
     if isinstance(count, int):
         return count, 1.0 / max(count, 1)
-    return count, (1.0 / count.clamp(min=1).to(torch.float32)).expand(N)
+    return count, (1.0 / count.clamp(min=1).to(dtype)).expand(N)
 
 
 def reduce_loss(rows: torch.Tensor, count, reduction: str) -> torch.Tensor:
@@ -62,7 +62,8 @@ class LogitDistillFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, t, labels, temperature, spec: PackedSpec, launcher):
         N = s.shape[0]
-        count, grad_scale = valid_rows(labels, spec, N)
+        acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+        count, grad_scale = valid_rows(labels, spec, N, acc)
         want_grad = ctx.needs_input_grad[0]
         grad = (s if spec.inplace else torch.empty_like(s)) if want_grad else None
         rows, dtemp = launcher.forward(s, t, labels, temperature, spec, grad, grad_scale)

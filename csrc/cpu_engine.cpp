@@ -1,0 +1,247 @@
+// cpu_engine.cpp — the CPU twin of the CUDA engine: the same row math (kd_row.h), one lane per row.
+//
+// Rows are split across threads with at::parallel_for; each chunk owns one workspace of thread-local row
+// buffers in the accumulation dtype (float for f32/bf16/f16, double for f64). A 16-bit row is widened
+// into it at the row boundary (and its gradient narrowed back), so the heavy row code exists once per
+// accumulation dtype. Inside a row (run_row): standardisation and TSM are applied in place (else the
+// input row is read where it lies), every pass of kd_row.h runs as one unit-stride, vectorisable loop per
+// term over L1/L2-resident memory (Exec::kSplitTerms), the bulk gradient is buffered in P5 and the
+// output row is written exactly once in P6. run_row is compiled for AVX2 and for the x86-64 baseline.
+#include "cpu_engine.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "kd_row.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define KD_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define KD_CPU_CLONES
+#endif
+
+namespace kd {
+namespace {
+
+//: one lane per row: reductions are identities, the top-k is a single insertion pass
+struct CpuExec {
+  //: kd_row.h runs its hot passes as one unit-stride (vectorisable) loop per term
+  static constexpr bool kSplitTerms = true;
+  static constexpr int lane() { return 0; }
+  static constexpr int lanes() { return 1; }
+  static constexpr bool leader() { return true; }
+  void sync() const {}
+  template <int N, class A>
+  void reduce_sum(A (&)[N]) const {}
+  template <int N, class A>
+  void reduce_max(A (&)[N]) const {}
+  template <class A>
+  void reduce_best(A&, int&) const {}
+  template <class Key, class A>
+  void topk(Key key, int C, int k, Sel<A>& out) const {
+    int cnt = 0;
+    out.k = k;
+    for (int c = 0; c < C; ++c) topk_insert(out.key, out.idx, cnt, k, key(c), c);
+  }
+};
+
+//: the row in thread-local accumulation-dtype buffers, transformed in place. A row already in the
+//: accumulation dtype that no transform (Z, TSM) rewrites is read where it lies.
+template <class A>
+struct BufView {
+  static constexpr bool kBuffersGrad = true;
+  const A* sr;    // s, then s̃ (the input row itself, or sbuf)
+  const A* tr;    // t, then t̃, then t' (the input row itself, or tbuf)
+  const A* raw;   // where the raw student lives now
+  A* sbuf;
+  A* tbuf;
+  A* rb;          // raw copy of s (CE after standardisation)
+  A* gb;          // bulk gradient w.r.t. s̃ (first: P4's exp(zs − max))
+  A* eb;          // P4's exp(zt − max)
+  A* out;         // gradient row (may alias the input row: each element is written after its last read)
+  int C;
+
+  void load(const A* s, const A* t, bool transforms) {
+    if (!transforms) {
+      sr = raw = s;
+      tr = t;
+      return;
+    }
+    std::copy(s, s + C, sbuf);
+    std::copy(t, t + C, tbuf);
+    sr = raw = sbuf;
+    tr = tbuf;
+  }
+  A s_raw(int c) const { return raw[c]; }
+  A t_raw(int c) const { return tr[c]; }
+  A s(int c) const { return sr[c]; }
+  A t(int c) const { return tr[c]; }
+
+  template <class Ex>
+  void set_standardize(const Ex&, A mu_s, A sp_s, A mu_t, A sp_t, bool keep_raw) {
+    if (keep_raw) {
+      std::copy(sbuf, sbuf + C, rb);
+      raw = rb;
+    }
+    // (−inf − μ)/σ' = −inf: masked classes stay masked
+    for (int c = 0; c < C; ++c) sbuf[c] = (sbuf[c] - mu_s) / sp_s;
+    for (int c = 0; c < C; ++c) tbuf[c] = (tbuf[c] - mu_t) / sp_t;
+  }
+  template <class Ex>
+  void set_tsm(const Ex&, const RowShared<A>& sh, int ty_col, A ty_val) {
+    for (int i = 0; i < sh.tsm.k; ++i) tbuf[sh.tsm.idx[i]] = sh.tsm_val[i];
+    if (ty_col >= 0) tbuf[ty_col] = ty_val;
+  }
+  void keep_exp(int c, A es, A et) {
+    gb[c] = es;
+    eb[c] = et;
+  }
+  A kept_exp_s(int c) const { return gb[c]; }
+  A kept_exp_t(int c) const { return eb[c]; }
+  void store_bulk(int c, A g) { gb[c] = g; }
+  A bulk(int c) const { return gb[c]; }
+  void add_bulk(int c, A g) { gb[c] += g; }
+  void write(int c, A g) { out[c] = g; }
+};
+
+//: the gradient scale of row n (a float, or a float32/float64 [N] tensor)
+inline double row_scale(const KdLaunch& L, int64_t n) {
+  if (!L.grad_scale) return L.grad_scale_value;
+  return L.scale_f64 ? static_cast<const double*>(L.grad_scale)[n * L.scale_stride]
+                     : static_cast<const float*>(L.grad_scale)[n * L.scale_stride];
+}
+
+//: one thread's row workspace: the view's 5 buffers, 3 staging rows (s, t, gradient in the accumulation
+//: dtype, for 16-bit inputs), and the row state
+template <class A>
+struct Workspace {
+  explicit Workspace(int64_t C) : C(C), buf(static_cast<size_t>(C) * 8), sh(new RowShared<A>()) {}
+  int64_t C;
+  std::vector<A> buf;
+  std::unique_ptr<RowShared<A>> sh;
+  A* view() { return buf.data(); }
+  A* stage(int i) { return buf.data() + (5 + i) * C; }
+};
+
+//: one row in the accumulation dtype (s, t, out: C values; out may alias s). This is where every pass of
+//: kd_row.h is inlined, compiled twice (AVX2 and the x86-64 baseline; the loader picks by CPU) so its
+//: loops vectorise 8 floats wide where the CPU allows; instantiated once per accumulation dtype.
+template <class A>
+KD_CPU_CLONES void run_row(const KdParams& P, RowIO<A>& io, const A* s, const A* t, A* out, A* buf,
+                           RowShared<A>* sh) {
+  const int C = io.C;
+  BufView<A> v{};
+  v.sbuf = buf;
+  v.tbuf = buf + C;
+  v.gb = buf + 2 * C;
+  v.eb = buf + 3 * C;
+  v.rb = buf + 4 * C;
+  v.out = out;
+  v.C = C;
+  v.load(s, t, P.standardize || P.use_tsm);
+  distill_row(CpuExec{}, v, *sh, P, io);
+}
+
+//: rows [begin, end): storage dtype ↔ accumulation dtype at the row boundary, the math in run_row
+template <class scalar_t, class A>
+void forward_rows(const KdLaunch& L, int64_t begin, int64_t end, Workspace<A>& ws) {
+  constexpr bool kDirect = std::is_same_v<scalar_t, A>;
+  const int C = static_cast<int>(L.C);
+  const auto* S = static_cast<const scalar_t*>(L.s);
+  const auto* Tt = static_cast<const scalar_t*>(L.t);
+  auto* G = static_cast<scalar_t*>(L.grad);
+  auto* loss = static_cast<A*>(L.loss);
+  auto* dtemp = static_cast<A*>(L.dtemp);
+  const auto* temp = static_cast<const A*>(L.temperature);
+  for (int64_t n = begin; n < end; ++n) {
+    RowIO<A> io{};
+    io.C = C;
+    io.has_labels = L.labels != nullptr;
+    io.label = io.has_labels ? L.labels[n * L.labels_stride] : 0;
+    io.T = temp ? temp[n * L.temp_stride] : static_cast<A>(L.params.temperature);
+    io.want_grad = G != nullptr;
+    io.want_dtemp = dtemp != nullptr;
+    io.grad_scale = static_cast<A>(row_scale(L, n));
+    const scalar_t* s = S + n * L.s_ld;
+    const scalar_t* t = Tt + n * L.t_ld;
+    scalar_t* g = G ? G + n * L.g_ld : nullptr;
+    if constexpr (kDirect) {
+      run_row<A>(L.params, io, s, t, g, ws.view(), ws.sh.get());
+    } else {
+      A* st = ws.stage(0);
+      A* tt = ws.stage(1);
+      A* gt = ws.stage(2);
+      for (int c = 0; c < C; ++c) st[c] = static_cast<A>(s[c]);
+      for (int c = 0; c < C; ++c) tt[c] = static_cast<A>(t[c]);
+      run_row<A>(L.params, io, st, tt, g ? gt : nullptr, ws.view(), ws.sh.get());
+      if (g)
+        for (int c = 0; c < C; ++c) g[c] = static_cast<scalar_t>(gt[c]);
+    }
+    loss[n] = io.loss;
+    if (dtemp) dtemp[n] = io.dtemp;
+  }
+}
+
+template <class scalar_t, class A>
+void forward_typed(const KdLaunch& L) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(L.C, 1));
+  at::parallel_for(0, L.N, grain, [&](int64_t begin, int64_t end) {
+    Workspace<A> ws(L.C);
+    forward_rows<scalar_t, A>(L, begin, end, ws);
+  });
+}
+
+template <class scalar_t, class factor_t>
+void scale_typed(void* grad, int64_t N, int64_t C, int64_t ld, const factor_t* factor, int64_t fstride) {
+  auto* G = static_cast<scalar_t*>(grad);
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(C, 1));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const factor_t f = factor[n * fstride];
+      if (f == factor_t(1)) continue;
+      scalar_t* row = G + n * ld;
+      using A = std::conditional_t<std::is_same_v<scalar_t, double> || std::is_same_v<factor_t, double>,
+                                   double, float>;
+      const A fa = static_cast<A>(f);
+      for (int64_t c = 0; c < C; ++c) row[c] = static_cast<scalar_t>(static_cast<A>(row[c]) * fa);
+    }
+  });
+}
+
+}  // namespace
+
+void cpu_forward(const KdLaunch& L) {
+  switch (L.dtype) {
+    case KdDtype::f32: return forward_typed<float, float>(L);
+    case KdDtype::f64: return forward_typed<double, double>(L);
+    case KdDtype::f16: return forward_typed<c10::Half, float>(L);
+    case KdDtype::bf16: return forward_typed<c10::BFloat16, float>(L);
+  }
+}
+
+template <class factor_t>
+void scale_dispatch(void* grad, KdDtype dtype, int64_t N, int64_t C, int64_t ld, const factor_t* factor,
+                    int64_t fstride) {
+  switch (dtype) {
+    case KdDtype::f32: return scale_typed<float>(grad, N, C, ld, factor, fstride);
+    case KdDtype::f64: return scale_typed<double>(grad, N, C, ld, factor, fstride);
+    case KdDtype::f16: return scale_typed<c10::Half>(grad, N, C, ld, factor, fstride);
+    case KdDtype::bf16: return scale_typed<c10::BFloat16>(grad, N, C, ld, factor, fstride);
+  }
+}
+
+void cpu_scale_rows(void* grad, KdDtype dtype, int64_t N, int64_t C, int64_t ld, const void* factor,
+                    bool factor_f64, int64_t fstride) {
+  if (factor_f64)
+    scale_dispatch(grad, dtype, N, C, ld, static_cast<const double*>(factor), fstride);
+  else
+    scale_dispatch(grad, dtype, N, C, ld, static_cast<const float*>(factor), fstride);
+}
+
+}  // namespace kd

@@ -1,0 +1,140 @@
+// kd_math.h — scalar building blocks of the row math, identical on host (CPU twin) and device (CUDA).
+//
+//  * better(a, i, b, j): the selection order of every top-k — larger key first, ties to the lower index
+//    (torch.sort(descending=True, stable=True)); a top-k is then exactly {c : (key_c, c) ⪰ k-th entry},
+//    which gives an O(1) membership test (Sel::contains) used by every later pass.
+//  * Bernoulli KL of LDRLD's pair term in log space (losses.md §5):
+//        KL(Bern(σ(d_t)) ‖ Bern(σ(d_s))) = σ(d_t)(logσ(d_t) − logσ(d_s)) + σ(−d_t)(logσ(−d_t) − logσ(−d_s))
+//        ∂/∂d_s = −σ(d_t)·σ(−d_s) + σ(−d_t)·σ(d_s)        (each half dropped where its weight is 0)
+//  * stable σ / logσ: logσ(x) = min(x, 0) − log1p(exp(−|x|)).
+// Everything here is a pure function of its arguments (no torch, no std containers).
+#pragma once
+
+#include <climits>
+#include <cstdint>
+#include <cstring>
+#include <math.h>
+
+#if defined(__CUDACC__)
+#define KD_FN __device__ __forceinline__
+#define KD_HD __host__ __device__ __forceinline__
+#define KD_SIMD_SUM(...)
+#define KD_SIMD_MAX(...)
+#define KD_SIMD_MAX_SUM(m, ...)
+#else
+#define KD_FN inline __attribute__((always_inline))
+#define KD_HD inline __attribute__((always_inline))
+#define KD_PRAGMA(x) _Pragma(#x)
+//: lets the host compiler vectorise a loop whose float sums it may then reassociate
+#define KD_SIMD_SUM(...) KD_PRAGMA(omp simd reduction(+ : __VA_ARGS__))
+#define KD_SIMD_MAX(...) KD_PRAGMA(omp simd reduction(max : __VA_ARGS__))
+#define KD_SIMD_MAX_SUM(m, ...) KD_PRAGMA(omp simd reduction(max : m) reduction(+ : __VA_ARGS__))
+#endif
+
+namespace kd {
+
+template <class A>
+KD_HD A kinf() { return static_cast<A>(INFINITY); }
+template <class A>
+KD_HD A knan() { return static_cast<A>(NAN); }
+
+#if !defined(__CUDACC__)
+//: exp for float on the host, branch-free so loops calling it vectorise: exp(x) = 2^n·e^r with
+//: n = round(x·log2 e) (magic-number rounding), r = x − n·ln 2 (Cody–Waite), e^r by Cephes' expf
+//: polynomial (≤ 2 ulp). Results below e^−87 are flushed to 0 (so e^−inf = 0), NaN propagates.
+inline __attribute__((always_inline)) float kexp_host(float x) {
+  const bool under = x < -87.0f, over = x > 88.0f;  // both tested unconditionally: if-convertible
+  float xc = under ? -87.0f : x;
+  xc = over ? 88.0f : xc;
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  float out = y * scale;
+  out = under ? 0.0f : out;
+  out = over ? INFINITY : out;
+  return x != x ? x : out;
+}
+KD_HD float kexp(float x) { return kexp_host(x); }
+#else
+KD_HD float kexp(float x) { return expf(x); }
+#endif
+KD_HD double kexp(double x) { return exp(x); }
+KD_HD float klog(float x) { return logf(x); }
+KD_HD double klog(double x) { return log(x); }
+KD_HD float klog1p(float x) { return log1pf(x); }
+KD_HD double klog1p(double x) { return log1p(x); }
+KD_HD float ksqrt(float x) { return sqrtf(x); }
+KD_HD double ksqrt(double x) { return sqrt(x); }
+
+template <class A>
+KD_HD A kmax(A a, A b) { return a > b ? a : b; }
+template <class A>
+KD_HD A kmin(A a, A b) { return a < b ? a : b; }
+template <class A>
+KD_HD bool kfinite(A x) { return x == x && x != kinf<A>() && x != -kinf<A>(); }
+//: a finite shift for exp(z − M): M itself, or 0 when M is ±inf/NaN (an empty set gives exp(−inf) = 0)
+template <class A>
+KD_HD A kshift(A m) { return kfinite(m) ? m : A(0); }
+
+//: the selection order: key a at index i comes before key b at index j
+template <class A>
+KD_HD bool better(A a, int i, A b, int j) { return a > b || (a == b && i < j); }
+
+//: insert (v, c) into the sorted list (key, idx) of at most k entries, count in `cnt`
+template <class A>
+KD_HD void topk_insert(A* key, int* idx, int& cnt, int k, A v, int c) {
+  if (cnt == k && !better(v, c, key[k - 1], idx[k - 1])) return;
+  int j = cnt < k ? cnt++ : k - 1;
+  while (j > 0 && better(v, c, key[j - 1], idx[j - 1])) {
+    key[j] = key[j - 1];
+    idx[j] = idx[j - 1];
+    --j;
+  }
+  key[j] = v;
+  idx[j] = c;
+}
+
+template <class A>
+KD_HD A sigmoid(A x) {
+  if (x >= A(0)) return A(1) / (A(1) + kexp(-x));
+  A e = kexp(x);
+  return e / (A(1) + e);
+}
+
+template <class A>
+KD_HD A log_sigmoid(A x) { return kmin(x, A(0)) - klog1p(kexp(x < A(0) ? x : -x)); }
+
+//: LDRLD pair term: loss and ∂loss/∂d_s for KL(Bern(σ(dt)) ‖ Bern(σ(ds)))
+template <class A>
+KD_HD void bernoulli_kl(A dt, A ds, A& loss, A& d_ds) {
+  const A p = sigmoid(dt), pm = sigmoid(-dt);
+  loss = A(0);
+  d_ds = A(0);
+  if (p > A(0)) {
+    loss += p * (log_sigmoid(dt) - log_sigmoid(ds));
+    d_ds -= p * sigmoid(-ds);
+  }
+  if (pm > A(0)) {
+    loss += pm * (log_sigmoid(-dt) - log_sigmoid(-ds));
+    d_ds += pm * sigmoid(ds);
+  }
+}
+
+//: LDRLD's w(r, r') for 1-based ranks: δ·exp(−λ(r + r'))/(|r − r'| + ε)
+template <class A>
+KD_HD A pair_weight(A delta, A lam, A eps, int r1, int r2) {
+  const int d = r1 > r2 ? r1 - r2 : r2 - r1;
+  return delta * kexp(-lam * A(r1 + r2)) / (A(d) + eps);
+}
+
+}  // namespace kd

@@ -1,0 +1,553 @@
+// kd_row.h — the LogitDistill engine for ONE row, written once for both backends.
+//
+// `distill_row(ex, view, sh, P, io)` is templated on
+//   Exec: how the lanes of a row cooperate — the CPU twin has one lane and no-op reductions
+//         (cpu_engine.cpp), CUDA has one block per row with warp/block reductions (cuda/kd_exec.cuh);
+//   View: where the row lives — the CPU twin holds it in thread-local accumulation-dtype buffers and
+//         applies standardisation/TSM in place (cpu_engine.cpp), CUDA re-reads global memory each pass
+//         and applies them on the fly (kd_stream_view.h; also run on the host by sim_engine.cpp, so CI
+//         tests the CUDA code path without a GPU).
+// The math (losses.md; kdkernels/reference.py is the ground truth), with s̃/t' the student/teacher after
+// standardisation Z (§3) and the teacher's TSM (§6), zs = s̃/T, zt = t'/T, p = softmax(zt), q = softmax(zs):
+//
+//   ℓ = kd_w·T²·KL(p‖q) + ce_w·(LSE(s) − s_y) + T²·(α_n·TCKD + β·NCKD) + dtkd_w·T_t·T_s·KL_dyn
+//       + local_w·L_local + rest_w·T²·KL_R + tdl_w·TDL
+//
+// Gradient w.r.t. s̃ (`g`, "bulk" part computed per column, "sparse" part on ≤ k + 1 columns):
+//   KD      kd_w·T·(q − p)
+//   TCKD    T·α_n·[(b0 + b1)·q_c − b0·[c = y] − b1·[c ≠ y]·q̂_c],  b = (p_y, 1 − p_y) in log space, α_n is
+//           AEKT's min(p_y/q_y, w_max)·α when adaptive (a constant: no gradient through it)
+//   NCKD    T·β·(q̂_c − p̂_c) for c ≠ y (softmaxes over c ≠ y, exact masking)
+//   DTKD    dtkd_w·T_t·(Q − P) (softmaxes at T_s, T_t) + at m = argmax s̃ (sparse):
+//           ∂ℓ/∂v = w[(T_s·dT_t + T_t·dT_s)·KL + T_t·T_s·(∂KL/∂T_s·dT_s + ∂KL/∂T_t·dT_t)],
+//           dT_s/dv = −dT_t/dv = 2τx/(x + v)², ∂KL/∂T_s = −Σ(Q − P)s̃/T_s², ∂KL/∂T_t = −Σ P t'(logP − logQ − KL)/T_t²
+//           (rows with x + v ≤ 0 use T_s = T_t = τ and have no v path)
+//   LDRLD   rest: rest_w·T·(Q_R − P_R) on c ∉ I; local (sparse, on I; O(k²), in double): local_w·T/(k(k−1)/2 + 1)·
+//           [Σ_pairs w·∂BKL/∂d_s·(±1) + (Q_I − P_I)]; I = top-k of s̃ or t', ties to the lower index
+//   TDL     tdl_w·w_G·(−t'_c/den + [den not clamped]·(u·v)·s̃_c/(|u|²·den)) per group G ∋ c (finite entries)
+// then through Z (§3, finite entries only, n of them):  ∂/∂s = (g − ḡ)/σ' − (Σ g·s̃)·s̃/((n − 1)·σ)
+// (second term 0 when σ = 0), plus CE on the raw logits: ce_w·(softmax(s)_c − [c = y]).
+// Learnable temperature (KD term only, spec-enforced): ∂ℓ/∂T = kd_w·(2T·KL − [Σ(q − p)s̃ + Σ t'p(log p − log q − KL)]).
+// Masked classes (−inf) contribute 0 everywhere (0·log 0 = 0; their s̃·(q − p) and t'·p products are 0).
+//
+// Passes over the row (each `for c` below is one pass; Exec reduces the per-lane partials after it):
+//   P0 raw stats (Z's mean, then variance; CE's LSE)  → Z applied      P1 TSM top-k + rest mean → t'
+//   P2 top-k selections (LDRLD set I, TDL Pos, then Neg)               P3 maxima, argmax s̃, TDL dot products
+//   P4 sums of exp for every LSE                                       P5 loss sums + bulk gradient (+ Σg, Σg·s̃)
+//   P6 gradient written once: Z backward + CE, scaled by grad_scale.
+// The per-column math of P5/P6 lives in the term_* functions. Exec::kSplitTerms picks how P3–P6 loop:
+// fused (CUDA: one pass calls every term, the gradient is recomputed in P6 instead of stored) or split
+// (CPU twin: one unit-stride loop per term over the L1-resident row buffer, the gradient accumulated in
+// the buffer, select-only bodies and `omp simd` sums, so the compiler vectorises each loop).
+#pragma once
+
+#include "kd_split_passes.h"
+
+namespace kd {
+
+template <class Exec, class View, class A>
+KD_FN void distill_row(const Exec& ex, View& v, RowShared<A>& sh, const KdParams& P, RowIO<A>& io) {
+  const int C = io.C;
+  const int L0 = ex.lane(), NL = ex.lanes();
+  const A NEG = -kinf<A>();
+
+  // ---- labels: ignored rows are 0, bad labels NaN (never read out of bounds) --------------------
+  const bool ignored = io.has_labels && io.label == P.ignore_index;
+  const bool bad = io.has_labels && !ignored && (io.label < 0 || io.label >= C);
+  if (ignored || bad) {
+    const A fill = ignored ? A(0) : knan<A>();
+    if (io.want_grad)
+      for (int c = L0; c < C; c += NL) v.write(c, fill);
+    io.loss = fill;
+    io.dtemp = fill;
+    return;
+  }
+
+  RowState<A> rs;
+  rs.y = io.has_labels ? static_cast<int>(io.label) : -1;
+  const int y = rs.y < 0 ? 0 : rs.y;
+  const A T = io.T, T2 = io.T * io.T;
+  rs.T = T;
+  const A iT = A(1) / T;
+  rs.iT = iT;
+  rs.kd = P.kd_weight != 0;
+  rs.dec = P.use_decoupled != 0;
+  rs.dtkd = P.dtkd_weight != 0;
+  rs.rel = P.use_relation != 0;
+  rs.tdl = P.use_tdl != 0;
+  rs.full = rs.kd || rs.dec;
+  rs.want_dtemp = io.want_dtemp;
+  const bool stdz = P.standardize != 0, ce = P.ce_weight != 0;
+  const bool by_teacher = P.rank_by_teacher != 0;
+
+  // ---- P0: standardisation statistics over finite entries; CE's LSE on the raw logits -------------
+  A lse_raw = A(0), s_raw_y = A(0);
+  rs.n_s = A(0);
+  rs.sd_s = A(0);
+  rs.sp_s = A(1);
+  if (stdz || ce) {
+    A ns = A(0), ss = A(0), nt = A(0), st = A(0), mraw = NEG;  // counts and sums of the finite entries
+    KD_SIMD_MAX_SUM(mraw, ns, ss, nt, st)
+    for (int c = L0; c < C; c += NL) {
+      const A a = v.s_raw(c), b = v.t_raw(c);
+      const bool la = a != NEG, lb = b != NEG;
+      ns += la ? A(1) : A(0);
+      ss += la ? a : A(0);
+      nt += lb ? A(1) : A(0);
+      st += lb ? b : A(0);
+      mraw = kmax(mraw, a);
+    }
+    A r[4] = {ns, ss, nt, st};
+    A mx[1] = {mraw};
+    ex.template reduce_sum<4>(r);
+    ex.template reduce_max<1>(mx);
+    const A mu_s = r[1] / kmax(r[0], A(1)), mu_t = r[3] / kmax(r[2], A(1));
+    const A m_raw = kshift(mx[0]);
+    A q0 = A(0), q1 = A(0), q2 = A(0);  // Σ(s − μ)², Σ(t − μ)², Σ exp(s − max)
+    if (stdz) {
+      KD_SIMD_SUM(q0, q1)
+      for (int c = L0; c < C; c += NL) {
+        const A a = v.s_raw(c), b = v.t_raw(c);
+        q0 += a != NEG ? (a - mu_s) * (a - mu_s) : A(0);
+        q1 += b != NEG ? (b - mu_t) * (b - mu_t) : A(0);
+      }
+    }
+    if (ce) {
+      KD_SIMD_SUM(q2)
+      for (int c = L0; c < C; c += NL) q2 += kexp(v.s_raw(c) - m_raw);
+    }
+    A q[3] = {q0, q1, q2};
+    ex.template reduce_sum<3>(q);
+    if (ce) {
+      lse_raw = m_raw + klog(q[2]);
+      s_raw_y = v.s_raw(y);
+    }
+    if (stdz) {
+      const A var_s = q[0] / kmax(r[0] - A(1), A(1)), var_t = q[1] / kmax(r[2] - A(1), A(1));
+      const A sd_s = var_s > A(0) ? ksqrt(var_s) : A(0), sd_t = var_t > A(0) ? ksqrt(var_t) : A(0);
+      rs.n_s = r[0];
+      rs.sd_s = sd_s;
+      rs.sp_s = sd_s + A(kStdEps);
+      v.set_standardize(ex, mu_s, rs.sp_s, mu_t, sd_t + A(kStdEps), ce);
+    }
+  }
+
+  // ---- P1: TSM on the teacher: top-k of t̃, the mean gap, t' written / applied on the fly --------
+  if (P.use_tsm) {
+    const int k = static_cast<int>(P.tsm_k);
+    ex.topk([&](int c) { return v.t(c); }, C, k, sh.tsm);
+    A r[2] = {A(0), A(0)};  // Σ and count of the finite entries outside the top-k
+    for (int c = L0; c < C; c += NL) {
+      const A b = v.t(c);
+      if (b != NEG && !sh.tsm.contains(b, c)) { r[0] += b; r[1] += A(1); }
+    }
+    ex.template reduce_sum<2>(r);
+    A top_sum = A(0), top_n = A(0);
+    for (int i = 0; i < k; ++i)
+      if (sh.tsm.key[i] != NEG) { top_sum += sh.tsm.key[i]; top_n += A(1); }
+    const A gap = top_sum / kmax(top_n, A(1)) - r[0] / kmax(r[1], A(1));
+    const A shift = A(P.tsm_shift) * gap;
+    for (int i = L0; i < k; i += NL) {
+      const A w = A(1) + A(P.tsm_scale) * A(k - i) / A(k);
+      sh.tsm_val[i] = w * sh.tsm.key[i] + shift;
+    }
+    int ty_col = -1;
+    A ty_val = A(0);
+    if (io.has_labels) {
+      const A ty = v.t(y);
+      if (!sh.tsm.contains(ty, y)) {
+        ty_col = y;
+        ty_val = A(1 + P.tsm_gt_scale) * ty + shift;
+      }
+    }
+    ex.sync();
+    v.set_tsm(ex, sh, ty_col, ty_val);
+  }
+
+  // ---- P2: selections: LDRLD's I (by s̃ or t'), TDL's Pos then Neg (by t') ------------------------
+  if (rs.rel) {
+    const int k = static_cast<int>(P.rel_k);
+    if (by_teacher)
+      ex.topk([&](int c) { return v.t(c); }, C, k, sh.rel);
+    else
+      ex.topk([&](int c) { return v.s(c); }, C, k, sh.rel);
+    for (int i = L0; i < k; i += NL) {
+      const int c = sh.rel.idx[i];
+      sh.rel_s[i] = v.s(c) * iT;
+      sh.rel_t[i] = v.t(c) * iT;
+    }
+    ex.sync();
+  }
+  if (rs.tdl) {
+    const int k = static_cast<int>(P.tdl_k);
+    ex.topk([&](int c) { return v.t(c); }, C, k, sh.pos);
+    ex.topk([&](int c) { const A b = v.t(c); return neg_key(sh.pos.contains(b, c), b); }, C, k, sh.neg);
+  }
+
+  // ---- P3: maxima (all, non-target, rest), argmax of s̃, TDL dot products -----------------------
+  // mx: max s̃, max t', −min s̃, −min t', max s̃ (c≠y), max t' (c≠y), max s̃ (c∉I), max t' (c∉I)
+  A mx[8] = {NEG, NEG, NEG, NEG, NEG, NEG, NEG, NEG};
+  A dots[9] = {A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0)};  // per group: u·v, |u|², |v|²
+  A best_v = NEG;
+  int best_i = INT_MAX;
+  auto p3_dtkd = [&](int c, A a, A b) {
+    mx[2] = kmax(mx[2], -a);
+    mx[3] = kmax(mx[3], -b);
+    if (better(a, c, best_v, best_i)) { best_v = a; best_i = c; }
+  };
+  auto p3_rel = [&](int c, A a, A b) {
+    if (!rs.in_rel(sh, by_teacher, a, b, c)) {
+      mx[6] = kmax(mx[6], a);
+      mx[7] = kmax(mx[7], b);
+    }
+  };
+  auto p3_tdl = [&](int c, A a, A b) {
+    if (!(kfinite(a) && kfinite(b))) return;
+    const bool in_pos = sh.pos.contains(b, c);
+    const bool in_neg = sh.neg.contains(neg_key(in_pos, b), c);
+    const bool member[3] = {in_pos, in_neg, !in_pos && !in_neg};
+    for (int G = 0; G < 3; ++G)
+      if (member[G]) { dots[3 * G] += a * b; dots[3 * G + 1] += a * a; dots[3 * G + 2] += b * b; }
+  };
+  if constexpr (Exec::kSplitTerms) {  // one loop per feature; c ≠ y by two loops around y
+    A m0 = NEG, m1 = NEG;
+    KD_SIMD_MAX(m0, m1)
+    for (int c = 0; c < C; ++c) {
+      m0 = kmax(m0, v.s(c));
+      m1 = kmax(m1, v.t(c));
+    }
+    mx[0] = m0;
+    mx[1] = m1;
+    if (rs.dec) {
+      A m4 = NEG, m5 = NEG;
+      KD_SIMD_MAX(m4, m5)
+      for (int c = 0; c < y; ++c) { m4 = kmax(m4, v.s(c)); m5 = kmax(m5, v.t(c)); }
+      KD_SIMD_MAX(m4, m5)
+      for (int c = y + 1; c < C; ++c) { m4 = kmax(m4, v.s(c)); m5 = kmax(m5, v.t(c)); }
+      mx[4] = m4;
+      mx[5] = m5;
+    }
+    if (rs.dtkd) {  // −min s̃, −min t', and the first column holding max s̃
+      A m2 = NEG, m3 = NEG;
+      KD_SIMD_MAX(m2, m3)
+      for (int c = 0; c < C; ++c) {
+        m2 = kmax(m2, -v.s(c));
+        m3 = kmax(m3, -v.t(c));
+      }
+      mx[2] = m2;
+      mx[3] = m3;
+      for (int c = 0; c < C; ++c)
+        if (v.s(c) == m0) { best_v = m0; best_i = c; break; }
+    }
+    if (rs.rel) {
+      const SelCut<A> cut = sh.rel.cut();
+      A m6 = NEG, m7 = NEG;
+      KD_SIMD_MAX(m6, m7)
+      for (int c = 0; c < C; ++c) {
+        const A a = v.s(c), b = v.t(c);
+        const bool rest = !cut.contains(by_teacher ? b : a, c);
+        m6 = kmax(m6, rest ? a : NEG);
+        m7 = kmax(m7, rest ? b : NEG);
+      }
+      mx[6] = m6;
+      mx[7] = m7;
+    }
+    if (rs.tdl)
+      for (int c = 0; c < C; ++c) p3_tdl(c, v.s(c), v.t(c));
+  } else {
+    for (int c = L0; c < C; c += NL) {
+      const A a = v.s(c), b = v.t(c);
+      mx[0] = kmax(mx[0], a);
+      mx[1] = kmax(mx[1], b);
+      if (rs.dtkd) p3_dtkd(c, a, b);
+      if (rs.dec && c != y) {
+        mx[4] = kmax(mx[4], a);
+        mx[5] = kmax(mx[5], b);
+      }
+      if (rs.rel) p3_rel(c, a, b);
+      if (rs.tdl) p3_tdl(c, a, b);
+    }
+  }
+  ex.template reduce_max<8>(mx);
+  if (rs.dtkd) ex.reduce_best(best_v, best_i);
+  if (rs.tdl) {
+    ex.template reduce_sum<9>(dots);
+    for (int G = 0; G < 3; ++G) {
+      const A raw = ksqrt(dots[3 * G + 1]) * ksqrt(dots[3 * G + 2]);
+      rs.uv[G] = dots[3 * G];
+      rs.uu[G] = dots[3 * G + 1];
+      rs.clamped[G] = !(raw >= A(kCosEps));
+      rs.den[G] = rs.clamped[G] ? A(kCosEps) : raw;
+    }
+  }
+  // DTKD's dynamic temperatures (x + v ≤ 0 → both τ)
+  rs.dt_ok = false;
+  rs.Ts = rs.Tt = T;
+  rs.dt_m = best_i;
+  rs.dt_x = mx[1];
+  rs.dt_v = best_v;
+  rs.dv = A(0);
+  if (rs.dtkd && rs.dt_x + rs.dt_v > A(0)) {
+    const A den = rs.dt_x + rs.dt_v;
+    rs.dt_ok = true;
+    rs.Ts = A(2) * rs.dt_v * T / den;
+    rs.Tt = A(2) * rs.dt_x * T / den;
+  }
+  rs.iTs = A(1) / rs.Ts;
+  rs.iTt = A(1) / rs.Tt;
+  const A Ms = kshift(mx[0] * iT), Mt = kshift(mx[1] * iT);
+  const A Ms_nt = kshift(mx[4] * iT), Mt_nt = kshift(mx[5] * iT);
+  const A Ms_r = kshift(mx[6] * iT), Mt_r = kshift(mx[7] * iT);
+  const A Ms_d = kshift((rs.Ts > A(0) ? mx[0] : -mx[2]) * rs.iTs);
+  const A Mt_d = kshift((rs.Tt > A(0) ? mx[1] : -mx[3]) * rs.iTt);
+
+  // ---- P4: sums of exp for every LSE ---------------------------------------------------------
+  A se_full[2] = {A(0), A(0)};  // Σ exp(zs − Ms), Σ exp(zt − Mt) (the CPU twin reuses the exps in P5)
+  {
+    A se[8] = {A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0)};
+    if constexpr (Exec::kSplitTerms) {  // one unit-stride loop per LSE pair
+      if (rs.full) {
+        A s0 = A(0), s1 = A(0);
+        KD_SIMD_SUM(s0, s1)
+        for (int c = 0; c < C; ++c) {
+          const A es = kexp(v.s(c) * iT - Ms), et = kexp(v.t(c) * iT - Mt);
+          v.keep_exp(c, es, et);
+          s0 += es;
+          s1 += et;
+        }
+        se[0] = s0;
+        se[1] = s1;
+      }
+      if (rs.dec) {  // c ≠ y: two loops around the target
+        A s2 = A(0), s3 = A(0);
+        KD_SIMD_SUM(s2, s3)
+        for (int c = 0; c < y; ++c) {
+          s2 += kexp(v.s(c) * iT - Ms_nt);
+          s3 += kexp(v.t(c) * iT - Mt_nt);
+        }
+        KD_SIMD_SUM(s2, s3)
+        for (int c = y + 1; c < C; ++c) {
+          s2 += kexp(v.s(c) * iT - Ms_nt);
+          s3 += kexp(v.t(c) * iT - Mt_nt);
+        }
+        se[2] = s2;
+        se[3] = s3;
+      }
+      if (rs.rel) {
+        const SelCut<A> cut = sh.rel.cut();
+        A s4 = A(0), s5 = A(0);
+        KD_SIMD_SUM(s4, s5)
+        for (int c = 0; c < C; ++c) {
+          const A a = v.s(c), b = v.t(c);
+          const bool rest = !cut.contains(by_teacher ? b : a, c);
+          s4 += rest ? kexp(a * iT - Ms_r) : A(0);
+          s5 += rest ? kexp(b * iT - Mt_r) : A(0);
+        }
+        se[4] = s4;
+        se[5] = s5;
+      }
+      if (rs.dtkd) {
+        A s6 = A(0), s7 = A(0);
+        const A iTs = rs.iTs, iTt = rs.iTt;
+        KD_SIMD_SUM(s6, s7)
+        for (int c = 0; c < C; ++c) {
+          s6 += kexp(v.s(c) * iTs - Ms_d);
+          s7 += kexp(v.t(c) * iTt - Mt_d);
+        }
+        se[6] = s6;
+        se[7] = s7;
+      }
+    } else {
+      for (int c = L0; c < C; c += NL) {
+        const A a = v.s(c), b = v.t(c);
+        const A zs = a * iT, zt = b * iT;
+        if (rs.full) {
+          se[0] += kexp(zs - Ms);
+          se[1] += kexp(zt - Mt);
+          if (rs.dec && c != y) {
+            se[2] += kexp(zs - Ms_nt);
+            se[3] += kexp(zt - Mt_nt);
+          }
+        }
+        if (rs.rel && !rs.in_rel(sh, by_teacher, a, b, c)) {
+          se[4] += kexp(zs - Ms_r);
+          se[5] += kexp(zt - Mt_r);
+        }
+        if (rs.dtkd) {
+          se[6] += kexp(a * rs.iTs - Ms_d);
+          se[7] += kexp(b * rs.iTt - Mt_d);
+        }
+      }
+    }
+    ex.template reduce_sum<8>(se);
+    se_full[0] = se[0];
+    se_full[1] = se[1];
+    rs.lse_s = Ms + klog(se[0]);
+    rs.lse_t = Mt + klog(se[1]);
+    rs.lse_s_nt = Ms_nt + klog(se[2]);
+    rs.lse_t_nt = Mt_nt + klog(se[3]);
+    rs.lse_s_r = Ms_r + klog(se[4]);
+    rs.lse_t_r = Mt_r + klog(se[5]);
+    rs.lse_sd = Ms_d + klog(se[6]);
+    rs.lse_td = Mt_d + klog(se[7]);
+  }
+
+  // DKD / AEKT row constants: b_t, b_s in log space
+  rs.b0 = rs.b1 = rs.alpha = rs.tckd = A(0);
+  if (rs.dec) {
+    const A zs_y = v.s(y) * iT, zt_y = v.t(y) * iT;
+    const A lbs0 = zs_y - rs.lse_s, lbs1 = rs.lse_s_nt - rs.lse_s;
+    const A lbt0 = zt_y - rs.lse_t, lbt1 = rs.lse_t_nt - rs.lse_t;
+    const A bt0 = kexp(lbt0), bt1 = kexp(lbt1);
+    rs.b0 = bt0 > A(0) ? bt0 : A(0);
+    rs.b1 = bt1 > A(0) ? bt1 : A(0);
+    rs.tckd = (bt0 > A(0) ? bt0 * (lbt0 - lbs0) : A(0)) + (bt1 > A(0) ? bt1 * (lbt1 - lbs1) : A(0));
+    rs.alpha = A(P.tckd_weight);
+    if (P.adaptive_tckd) rs.alpha = rs.alpha * kmin(kexp(lbt0 - lbs0), A(P.max_weight));
+  }
+
+  // LDRLD's local term on I: pair terms (rank r handled by lane r mod lanes) + set term. O(k²) scalar
+  // work per row, done in double: its KLs of nearly equal distributions cancel, and it costs nothing.
+  A local = A(0);
+  if (rs.rel) {
+    using W = double;
+    const int k = static_cast<int>(P.rel_k);
+    const W npairs1 = W(k * (k - 1) / 2) + W(1);
+    W ms = -kinf<W>(), mt = -kinf<W>();
+    for (int i = 0; i < k; ++i) { ms = kmax(ms, W(sh.rel_s[i])); mt = kmax(mt, W(sh.rel_t[i])); }
+    ms = kshift(ms);
+    mt = kshift(mt);
+    W ss = W(0), st = W(0);
+    for (int i = 0; i < k; ++i) { ss += kexp(W(sh.rel_s[i]) - ms); st += kexp(W(sh.rel_t[i]) - mt); }
+    const W ls = ms + klog(ss), lt = mt + klog(st);
+    W lpart = W(0);
+    for (int i = L0; i < k; i += NL) {
+      W gi = W(0);
+      for (int j = 0; j < k; ++j) {
+        if (j == i) continue;
+        const int lo = i < j ? i : j, hi = i < j ? j : i;
+        const W w = pair_weight(W(P.rel_delta), W(P.rel_lambda), W(P.rel_eps), lo + 1, hi + 1);
+        W l, d;
+        bernoulli_kl(W(sh.rel_t[lo]) - W(sh.rel_t[hi]), W(sh.rel_s[lo]) - W(sh.rel_s[hi]), l, d);
+        if (i < j) { lpart += w * l; gi += w * d; }
+        else { gi -= w * d; }
+      }
+      const W lq = W(sh.rel_s[i]) - ls, lp = W(sh.rel_t[i]) - lt;
+      const W p = kexp(lp);
+      if (p > W(0)) lpart += p * (lp - lq);
+      gi += kexp(lq) - p;
+      sh.rel_g[i] = A(W(P.local_weight) * W(T) * gi / npairs1);
+    }
+    A part[1] = {A(lpart)};
+    ex.template reduce_sum<1>(part);
+    local = T2 * part[0] / A(npairs1);
+    ex.sync();
+  }
+
+  // ---- P5: loss sums and the bulk gradient (stored by buffering views) -----------------------
+  A acc[kNumSums];
+  for (int i = 0; i < kNumSums; ++i) acc[i] = A(0);
+  if constexpr (Exec::kSplitTerms) {  // one unit-stride loop per term, accumulating in the buffer
+    if (rs.full) {  // q and p come from P4's kept exps: KD needs no exp here, DKD only q̂ and p̂
+      const A rss = A(1) / se_full[0], rst = A(1) / se_full[1];
+      // (∂ℓ/∂T covers the KD term only: a learnable T with other T-dependent terms is a spec error)
+      if (!rs.kd) full_pass_split<false, true, false>(P, rs, v, C, rss, rst, acc);
+      else if (!rs.dec && !rs.want_dtemp) full_pass_split<true, false, false>(P, rs, v, C, rss, rst, acc);
+      else if (!rs.dec) full_pass_split<true, false, true>(P, rs, v, C, rss, rst, acc);
+      else if (!rs.want_dtemp) full_pass_split<true, true, false>(P, rs, v, C, rss, rst, acc);
+      else full_pass_split<true, true, true>(P, rs, v, C, rss, rst, acc);
+    } else {
+      for (int c = 0; c < C; ++c) v.store_bulk(c, A(0));
+    }
+    if (rs.dtkd) {
+      if (rs.dt_ok) dtkd_pass_split<true>(P, rs, v, C, acc);
+      else dtkd_pass_split<false>(P, rs, v, C, acc);
+    }
+    if (rs.rel) rest_pass_split(P, rs, sh.rel.cut(), by_teacher, v, C, acc);
+    if (rs.tdl)
+      for (int c = 0; c < C; ++c) v.add_bulk(c, term_tdl(P, rs, sh, c, v.s(c), v.t(c)));
+    if (io.want_grad && stdz) {
+      A sg = A(0), sgz = A(0);
+      KD_SIMD_SUM(sg, sgz)
+      for (int c = 0; c < C; ++c) {
+        const A a = v.s(c), g = v.bulk(c);
+        const bool live = a != NEG;
+        sg += live ? g : A(0);
+        sgz += live ? g * a : A(0);
+      }
+      acc[kSG] = sg;
+      acc[kSGZ] = sgz;
+    }
+  } else {
+    for (int c = L0; c < C; c += NL) {
+      const A a = v.s(c), b = v.t(c);
+      const A g = elem_bulk<true>(P, rs, sh, c, a, b, acc);
+      if (io.want_grad && stdz && a != NEG) { acc[kSG] += g; acc[kSGZ] += g * a; }
+    }
+  }
+  ex.template reduce_sum<kNumSums>(acc);
+
+  // ---- the row loss (term order as in the reference) and DTKD's argmax-column gradient -----------
+  A loss = A(0);
+  if (rs.kd) loss += A(P.kd_weight) * T2 * acc[kKL];
+  if (ce) loss += A(P.ce_weight) * (lse_raw - s_raw_y);
+  if (rs.dec) loss += T2 * (rs.alpha * rs.tckd + A(P.nckd_weight) * acc[kNCKD]);
+  if (rs.dtkd) {
+    const A kl = acc[kKLD];
+    loss += A(P.dtkd_weight) * (rs.Tt * rs.Ts) * kl;
+    if (rs.dt_ok) {
+      const A den = rs.dt_x + rs.dt_v;
+      const A dTs = A(2) * T * rs.dt_x / (den * den), dTt = -dTs;
+      const A dKL_dTs = -acc[kB1] / (rs.Ts * rs.Ts);
+      const A dKL_dTt = -(acc[kB2] - kl * acc[kB3]) / (rs.Tt * rs.Tt);
+      rs.dv = A(P.dtkd_weight) * ((dTt * rs.Ts + rs.Tt * dTs) * kl +
+                                  rs.Tt * rs.Ts * (dKL_dTs * dTs + dKL_dTt * dTt));
+    }
+  }
+  if (rs.rel) loss += A(P.local_weight) * local + A(P.rest_weight) * (T2 * acc[kKLR]);
+  if (rs.tdl) {
+    const A w[3] = {A(P.tdl_pos), A(P.tdl_neg), A(P.tdl_non)};
+    A tdl = A(0);
+    for (int G = 0; G < 3; ++G) tdl += w[G] * (A(1) - rs.uv[G] / rs.den[G]);
+    loss += A(P.tdl_weight) * tdl;
+  }
+  io.loss = loss;
+  io.dtemp = rs.kd ? A(P.kd_weight) * (A(2) * T * acc[kKL] - (acc[kA1] + acc[kA2] - acc[kKL] * acc[kA3]))
+                   : A(0);
+  if (!io.want_grad) return;
+
+  // sparse columns join the Z-backward sums (every lane adds the same, after the reduction)
+  if (rs.rel) {
+    for (int i = 0; i < static_cast<int>(P.rel_k); ++i) {
+      const int c = sh.rel.idx[i];
+      if (stdz) { acc[kSG] += sh.rel_g[i]; acc[kSGZ] += sh.rel_g[i] * v.s(c); }
+      if (View::kBuffersGrad && ex.leader()) v.add_bulk(c, sh.rel_g[i]);
+    }
+  }
+  if (rs.dtkd && rs.dt_ok) {
+    if (stdz) { acc[kSG] += rs.dv; acc[kSGZ] += rs.dv * rs.dt_v; }
+    if (View::kBuffersGrad && ex.leader()) v.add_bulk(rs.dt_m, rs.dv);
+  }
+  ex.sync();
+
+  // ---- P6: the gradient, written once: Z backward, + CE on raw logits, × grad_scale -------------
+  const A gbar = stdz ? acc[kSG] / kmax(rs.n_s, A(1)) : A(0);
+  const A coef = (stdz && rs.sd_s > A(0)) ? acc[kSGZ] / (kmax(rs.n_s - A(1), A(1)) * rs.sd_s) : A(0);
+  const A cw = A(P.ce_weight), scale = io.grad_scale;
+  if constexpr (View::kBuffersGrad) {
+    if (stdz && ce) write_buffered<true, true>(v, C, y, gbar, rs.sp_s, coef, cw, lse_raw, scale);
+    else if (stdz) write_buffered<true, false>(v, C, y, gbar, rs.sp_s, coef, cw, lse_raw, scale);
+    else if (ce) write_buffered<false, true>(v, C, y, gbar, rs.sp_s, coef, cw, lse_raw, scale);
+    else write_buffered<false, false>(v, C, y, gbar, rs.sp_s, coef, cw, lse_raw, scale);
+  } else {
+    for (int c = L0; c < C; c += NL) {
+      const A a = v.s(c), b = v.t(c);
+      A g = elem_bulk<false>(P, rs, sh, c, a, b, acc) + elem_sparse(P, rs, sh, c, a, b);
+      if (stdz) g = a != NEG ? (g - gbar) / rs.sp_s - coef * a : A(0);
+      if (ce) g += cw * (kexp(v.s_raw(c) - lse_raw) - (c == y ? A(1) : A(0)));
+      v.write(c, g * scale);
+    }
+  }
+}
+
+}  // namespace kd

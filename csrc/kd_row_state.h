@@ -1,0 +1,97 @@
+// kd_row_state.h — what one row of the engine keeps between passes (shared by every backend).
+//
+//  * Sel / SelCut: a top-k selection in rank order. Selection order: larger key, then lower index
+//    (kd_math.h `better`), so the top-k is exactly {c : (key_c, c) ⪰ (key, idx) of its k-th entry} —
+//    an O(1) membership test every later pass uses instead of a per-class flag array.
+//  * RowShared: state all lanes of a row read (CUDA: __shared__ memory; CPU: a thread-local object).
+//  * RowIO: a row's inputs (label, T, gradient scale) and outputs (loss, ∂ℓ/∂T).
+//  * RowState: the row constants (LSEs, DKD's b, DTKD's temperatures, TDL's dot products, …), computed
+//    identically in every lane after each reduction.
+#pragma once
+
+#include "kd_math.h"
+#include "kd_params.h"
+
+namespace kd {
+
+//: the k-th entry of a selection: c is selected iff (key_c, c) ⪰ (key, idx) (a copy keeps loops alias-free)
+template <class A>
+struct SelCut {
+  A key;
+  int idx;
+  KD_HD bool contains(A v, int c) const { return v > key || (v == key && c <= idx); }
+};
+
+//: a top-k selection (rank order) with the O(1) membership test of kd_math.h
+template <class A>
+struct Sel {
+  int k;
+  int idx[kMaxTopK];
+  A key[kMaxTopK];
+  KD_HD bool contains(A v, int c) const {
+    return v > key[k - 1] || (v == key[k - 1] && c <= idx[k - 1]);
+  }
+  KD_HD SelCut<A> cut() const { return {key[k - 1], idx[k - 1]}; }
+  KD_HD int rank_of(int c) const {
+    for (int r = 0; r < k; ++r)
+      if (idx[r] == c) return r;
+    return -1;
+  }
+};
+
+//: width of the per-warp reduction scratch (largest reduce_sum<N> below)
+constexpr int kRedWidth = 16;
+
+//: row state every lane reads (CUDA: __shared__; CPU: a thread-local object)
+template <class A>
+struct RowShared {
+  Sel<A> tsm, rel, pos, neg;
+  A tsm_val[kMaxTopK];                       // t' of the TSM members, by rank
+  A rel_s[kMaxTopK], rel_t[kMaxTopK];        // zs, zt of LDRLD's set I, by rank
+  A rel_g[kMaxTopK];                         // sparse gradient (w.r.t. s̃) of L_local, by rank
+  A red[32 * kRedWidth];                     // reduction scratch (CUDA)
+  int red_i[32];
+};
+
+//: per-row inputs and outputs of distill_row
+template <class A>
+struct RowIO {
+  int C;
+  int64_t label;     // ignored when !has_labels
+  bool has_labels;
+  A T;               // temperature of this row
+  bool want_grad, want_dtemp;
+  A grad_scale;
+  A loss, dtemp;     // outputs (every lane holds them)
+};
+
+//: row constants, identical in every lane
+template <class A>
+struct RowState {
+  int y;                     // label (−1: none)
+  A T, iT, iTs, iTt;         // T and the reciprocals of T, T_s, T_t
+  bool kd, dec, dtkd, rel, tdl, full, want_dtemp;
+  // standardisation of s (for the backward)
+  A n_s, sd_s, sp_s;
+  // LSEs at T: all classes, non-target, rest (c ∉ I)
+  A lse_s, lse_t, lse_s_nt, lse_t_nt, lse_s_r, lse_t_r;
+  // DKD / AEKT
+  A b0, b1, alpha, tckd;
+  // DTKD
+  bool dt_ok;
+  int dt_m;
+  A dt_x, dt_v, Ts, Tt, lse_sd, lse_td, dv;
+  // TDL per group (Pos, Neg, Non): u·v, |u|², den = max(|u||v|, eps), den clamped?
+  A uv[3], uu[3], den[3];
+  bool clamped[3];
+
+  KD_HD bool in_rel(const RowShared<A>& sh, bool by_teacher, A s, A t, int c) const {
+    return sh.rel.contains(by_teacher ? t : s, c);
+  }
+};
+
+//: TDL's Neg key: the k smallest t' among the classes not in Pos, masked classes last (as −key)
+template <class A>
+KD_HD A neg_key(bool in_pos, A t) { return (in_pos || t == -kinf<A>()) ? -kinf<A>() : -t; }
+
+}  // namespace kd

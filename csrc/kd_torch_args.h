@@ -1,0 +1,133 @@
+// kd_torch_args.h — tensors → KdLaunch for the torch ops (ops.cpp for CPU, cuda/binding.cpp for CUDA).
+//
+// Checks shapes, dtypes, devices, strides and the parameter block (no tensor values are read, so no
+// device sync), allocates the per-row outputs and fills the raw-pointer launch description.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+#include <climits>
+#include <tuple>
+
+#include "kd_launch.h"
+
+namespace kd {
+
+inline KdDtype kd_dtype(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return KdDtype::f32;
+    case at::kDouble: return KdDtype::f64;
+    case at::kHalf: return KdDtype::f16;
+    case at::kBFloat16: return KdDtype::bf16;
+    default: TORCH_CHECK(false, "kdkernels: logits must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
+  }
+}
+
+inline at::ScalarType acc_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+//: a [N] tensor of `dtype` with possibly zero stride
+inline void check_rows(const at::Tensor& x, int64_t N, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(x.dim() == 1 && x.size(0) == N, "kdkernels: ", name, " must have shape [", N, "], got ", x.sizes());
+  TORCH_CHECK(x.device() == like.device(), "kdkernels: ", name, " must be on ", like.device());
+}
+
+struct LaunchTensors {
+  KdLaunch launch;
+  at::Tensor loss, dtemp, temperature, grad_scale;  // outputs, and the casts kept alive
+};
+
+inline LaunchTensors make_launch(const at::Tensor& s, const at::Tensor& t, const c10::optional<at::Tensor>& labels,
+                                 const c10::optional<at::Tensor>& temperature, c10::ArrayRef<double> fparams,
+                                 c10::ArrayRef<int64_t> iparams, const c10::optional<at::Tensor>& grad,
+                                 const c10::optional<at::Tensor>& grad_scale, double grad_scale_value,
+                                 bool want_dtemp) {
+  TORCH_CHECK(s.dim() == 2 && t.sizes() == s.sizes(), "kdkernels: s and t must be [N, C] of the same shape, got ",
+              s.sizes(), " and ", t.sizes());
+  TORCH_CHECK(s.scalar_type() == t.scalar_type() && s.device() == t.device(),
+              "kdkernels: s and t must share dtype and device");
+  TORCH_CHECK(s.stride(1) == 1 && t.stride(1) == 1, "kdkernels: s and t need a unit column stride");
+  TORCH_CHECK(static_cast<int64_t>(fparams.size()) == kNumFloatFields &&
+                  static_cast<int64_t>(iparams.size()) == kNumIntFields,
+              "kdkernels: parameter block must have ", kNumFloatFields, " floats and ", kNumIntFields,
+              " ints (LogitDistill.pack()), got ", fparams.size(), " and ", iparams.size());
+  const int64_t N = s.size(0), C = s.size(1);
+  TORCH_CHECK(C >= 1 && C < INT_MAX, "kdkernels: need 1 <= C < 2^31, got C = ", C);
+  LaunchTensors out;
+  KdLaunch& L = out.launch;
+  L.params = params_from_flat(fparams.data(), iparams.data());
+  const KdParams& P = L.params;
+  const int64_t kmax = std::min<int64_t>(kMaxTopK, C - 1);
+  TORCH_CHECK(!P.use_tsm || (P.tsm_k >= 1 && P.tsm_k <= kmax), "kdkernels: TopKScale k must be in [1, ", kmax, "]");
+  TORCH_CHECK(!P.use_relation || (P.rel_k >= 2 && P.rel_k <= kmax), "kdkernels: ldrld k must be in [2, ", kmax, "]");
+  TORCH_CHECK(!P.use_tdl || (P.tdl_k >= 1 && P.tdl_k <= kMaxTopK && 2 * P.tdl_k < C),
+              "kdkernels: TDL needs 1 <= k <= ", kMaxTopK, " and 2k < C");
+  TORCH_CHECK(!P.use_decoupled || C >= 2, "kdkernels: the decoupled term needs C >= 2");
+  TORCH_CHECK(!(P.use_decoupled || P.ce_weight != 0) || labels.has_value(),
+              "kdkernels: the decoupled and CE terms need labels");
+
+  const auto acc = acc_type(s);
+  const auto opts = s.options().dtype(acc);
+  L.dtype = kd_dtype(s);
+  L.N = N;
+  L.C = C;
+  L.s = s.data_ptr();
+  L.s_ld = s.stride(0);
+  L.t = t.data_ptr();
+  L.t_ld = t.stride(0);
+  L.grad = nullptr;
+  L.g_ld = 0;
+  if (grad.has_value()) {
+    TORCH_CHECK(grad->sizes() == s.sizes() && grad->scalar_type() == s.scalar_type() &&
+                    grad->device() == s.device() && grad->stride(1) == 1,
+                "kdkernels: grad must be like s with a unit column stride");
+    L.grad = grad->data_ptr();
+    L.g_ld = grad->stride(0);
+  }
+  L.labels = nullptr;
+  L.labels_stride = 0;
+  if (labels.has_value()) {
+    check_rows(*labels, N, "labels", s);
+    TORCH_CHECK(labels->scalar_type() == at::kLong, "kdkernels: labels must be int64");
+    L.labels = labels->data_ptr<int64_t>();
+    L.labels_stride = labels->stride(0);
+  }
+  L.temperature = nullptr;
+  L.temp_stride = 0;
+  if (temperature.has_value()) {
+    check_rows(*temperature, N, "temperature", s);
+    out.temperature = temperature->to(acc);
+    L.temperature = out.temperature.data_ptr();
+    L.temp_stride = out.temperature.stride(0);
+  }
+  L.grad_scale = nullptr;
+  L.scale_f64 = false;
+  L.scale_stride = 0;
+  L.grad_scale_value = grad_scale_value;
+  if (grad_scale.has_value()) {
+    check_rows(*grad_scale, N, "grad_scale", s);
+    const bool f64 = grad_scale->scalar_type() == at::kDouble;
+    out.grad_scale = f64 ? *grad_scale : grad_scale->to(at::kFloat);
+    L.grad_scale = out.grad_scale.data_ptr();
+    L.scale_f64 = f64;
+    L.scale_stride = out.grad_scale.stride(0);
+  }
+  out.loss = at::empty({N}, opts);
+  out.dtemp = at::empty({want_dtemp ? N : 0}, opts);
+  L.loss = out.loss.data_ptr();
+  L.dtemp = want_dtemp ? out.dtemp.data_ptr() : nullptr;
+  return out;
+}
+
+inline void check_scale_args(const at::Tensor& grad, const at::Tensor& factor) {
+  TORCH_CHECK(grad.dim() == 2 && grad.stride(1) == 1, "kdkernels: grad must be [N, C] with a unit column stride");
+  check_rows(factor, grad.size(0), "factor", grad);
+  TORCH_CHECK(factor.scalar_type() == at::kFloat || factor.scalar_type() == at::kDouble,
+              "kdkernels: factor must be float32 or float64");
+  kd_dtype(grad);
+}
+
+}  // namespace kd
