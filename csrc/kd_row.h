@@ -45,6 +45,33 @@
 
 namespace kd {
 
+//: Top-k of a row for a cooperative executor (a CUDA block, or its host simulator): every lane keeps a
+//: sorted list of the columns it visits (ascending c, so ties keep the lower index), then k rounds of a
+//: block arg-best over the list heads (larger key, then lower index). Written once so that the
+//: simulator tests exactly the code the GPU runs.
+template <class Exec, class Key, class A>
+KD_FN void block_topk(const Exec& ex, Key key, int C, int k, Sel<A>& out) {
+  A lk[kMaxTopK];
+  int li[kMaxTopK];
+  int cnt = 0;
+  for (int c = ex.lane(); c < C; c += ex.lanes()) topk_insert(lk, li, cnt, k, key(c), c);
+  int head = 0;
+  for (int r = 0; r < k; ++r) {
+    const bool live = head < cnt;
+    A bv = live ? lk[head] : -kinf<A>();
+    int bi = live ? li[head] : INT_MAX;
+    const int hi = bi;
+    ex.reduce_best(bv, bi);
+    if (live && bi == hi) ++head;
+    if (ex.leader()) {
+      out.idx[r] = bi;
+      out.key[r] = bv;
+    }
+  }
+  if (ex.leader()) out.k = k;
+  ex.sync();
+}
+
 template <class Exec, class View, class A>
 KD_FN void distill_row(const Exec& ex, View& v, RowShared<A>& sh, const KdParams& P, RowIO<A>& io) {
   const int C = io.C;

@@ -92,26 +92,7 @@ struct SimExec {
   }
   template <class Key>
   void topk(Key key, int C, int k, Sel<A>& out) const {
-    A lk[kMaxTopK];
-    int li[kMaxTopK];
-    int cnt = 0;
-    for (int c = id; c < C; c += b->lanes) topk_insert(lk, li, cnt, k, key(c), c);
-    int head = 0;
-    for (int r = 0; r < k; ++r) {
-      const bool live = head < cnt;
-      const A hv = live ? lk[head] : -kinf<A>();
-      const int hi = live ? li[head] : INT_MAX;
-      A bv = hv;
-      int bi = hi;
-      reduce_best(bv, bi);
-      if (live && bi == hi) ++head;
-      if (id == 0) {
-        out.idx[r] = bi;
-        out.key[r] = bv;
-      }
-    }
-    if (id == 0) out.k = k;
-    sync();
+    block_topk(*this, key, C, k, out);
   }
 
  private:

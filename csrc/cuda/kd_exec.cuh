@@ -99,26 +99,7 @@ struct GpuExec {
 
   template <class Key>
   __device__ void topk(Key key, int C, int k, Sel<A>& out) const {
-    A lk[kMaxTopK];
-    int li[kMaxTopK];
-    int cnt = 0;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) topk_insert(lk, li, cnt, k, key(c), c);
-    int head = 0;
-    for (int r = 0; r < k; ++r) {
-      const bool live = head < cnt;
-      const A hv = live ? lk[head] : -kinf<A>();
-      const int hi = live ? li[head] : INT_MAX;
-      A bv = hv;
-      int bi = hi;
-      reduce_best(bv, bi);
-      if (live && bi == hi) ++head;
-      if (threadIdx.x == 0) {
-        out.idx[r] = bi;
-        out.key[r] = bv;
-      }
-    }
-    if (threadIdx.x == 0) out.k = k;
-    __syncthreads();
+    block_topk(*this, key, C, k, out);
   }
 
  private:
