@@ -54,9 +54,13 @@ def reduce_loss(rows: torch.Tensor, count, reduction: str) -> torch.Tensor:
 class LogitDistillFunction(torch.autograd.Function):
     """Fused forward (loss + gradient in the same passes); backward only scales by ``grad_output``.
 
-    The gradient buffer is scaled in place on the first backward. A second backward through the same
-    graph (``retain_graph=True``, gradcheck) recomputes the gradient from the saved logits, so repeated
-    backward calls stay exact; with ``inplace=True`` the logits are gone and a second backward raises.
+    * The gradient buffer is scaled in place on the first backward (rows whose factor is 1.0 are skipped).
+    * float16 logits: the gradient is written in backward instead, by a second launch with
+      ``grad_output`` folded into its scale, so a loss scaler's factor is applied before the float16
+      rounding (small entries would underflow otherwise; bf16 has float32's range and needs no care).
+    * A second backward through the same graph (``retain_graph=True``, gradcheck) recomputes the
+      gradient from the saved logits the same way, so repeated backward calls stay exact; with
+      ``inplace=True`` the logits are overwritten and a second backward raises.
     """
 
     @staticmethod
@@ -65,11 +69,13 @@ class LogitDistillFunction(torch.autograd.Function):
         acc = torch.float64 if s.dtype == torch.float64 else torch.float32
         count, grad_scale = valid_rows(labels, spec, N, acc)
         want_grad = ctx.needs_input_grad[0]
-        grad = (s if spec.inplace else torch.empty_like(s)) if want_grad else None
+        deferred = want_grad and s.dtype == torch.float16
+        grad = (s if spec.inplace else torch.empty_like(s)) if want_grad and not deferred else None
         rows, dtemp = launcher.forward(s, t, labels, temperature, spec, grad, grad_scale)
-        ctx.spec, ctx.launcher, ctx.calls = spec, launcher, 0
+        ctx.spec, ctx.launcher, ctx.calls, ctx.deferred = spec, launcher, 0, deferred
         ctx.grad, ctx.dtemp, ctx.grad_scale = grad, dtemp, grad_scale
-        ctx.save_for_backward(*((None, None) if spec.inplace else (s, t)), labels, temperature)
+        keep_logits = deferred or not spec.inplace
+        ctx.save_for_backward(*((s, t) if keep_logits else (None, None)), labels, temperature)
         return reduce_loss(rows, count, spec.reduction)
 
     @staticmethod
@@ -78,20 +84,20 @@ class LogitDistillFunction(torch.autograd.Function):
         s, t, labels, temperature = ctx.saved_tensors
         ctx.calls += 1
         grad, dtemp = ctx.grad, ctx.dtemp
-        if ctx.calls > 1:
-            if spec.inplace:
+        N = dtemp.shape[0] if dtemp is not None else (grad if grad is not None else s).shape[0]
+        factor = grad_output.reshape(-1).expand(N)
+        want_grad = ctx.needs_input_grad[0] and (grad is not None or ctx.deferred)
+        if ctx.calls == 1 and not ctx.deferred:
+            if want_grad:
+                launcher.scale_(grad, factor)
+        elif want_grad:
+            if spec.inplace and ctx.calls > 1:
                 raise RuntimeError("kdkernels: inplace=True overwrote the student logits with the gradient; "
                                    "this loss supports a single backward")
-            grad = torch.empty_like(s) if grad is not None else None
-            _, dtemp = launcher.forward(s, t, labels, temperature, spec, grad, ctx.grad_scale)
-        N = grad.shape[0] if grad is not None else dtemp.shape[0]
-        factor = grad_output.reshape(-1).expand(N)
-        if grad is not None and ctx.needs_input_grad[0]:
-            launcher.scale_(grad, factor)
-        else:
-            grad = None
+            # recompute with grad_output folded into the scale: one launch, one rounding
+            grad = (s if spec.inplace else torch.empty_like(s)) if want_grad else None
+            _, dtemp = launcher.forward(s, t, labels, temperature, spec, grad, factor * ctx.grad_scale)
         d_temperature = None
         if dtemp is not None and ctx.needs_input_grad[3]:
-            d_temperature = dtemp * ctx.grad_scale * factor.to(dtemp.dtype)
-            d_temperature = d_temperature.to(temperature.dtype)
-        return grad, None, None, d_temperature, None, None
+            d_temperature = (dtemp * ctx.grad_scale * factor.to(dtemp.dtype)).to(temperature.dtype)
+        return grad if want_grad else None, None, None, d_temperature, None, None
