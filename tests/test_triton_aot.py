@@ -17,7 +17,8 @@ FLOAT_ARGS = ("temperature", "gscale", "kd_w", "ce_w", "tckd_w", "nckd_w", "max_
 def engine_job(spec, dtype, C, label, *, has_labels=True, temp_is_tensor=False):
     flags = E.kernel_flags(E.unpack(*spec.pack()), learnable=spec.learnable_temperature,
                            has_labels=has_labels, temp_is_tensor=temp_is_tensor,
-                           gscale_is_tensor=has_labels, write_grad=True, dtype=dtype, C=C)
+                           gscale_is_tensor=has_labels, write_grad=True, dtype=dtype, C=C,
+                           vec=E.vector_width(C))
     flags["ACC"] = "tl.float64" if dtype == torch.float64 else "tl.float32"
     ty, acc = TY[dtype], "fp64" if dtype == torch.float64 else "fp32"
     sig = dict(s_ptr="*" + ty, t_ptr="*" + ty, labels_ptr="*i64", temp_ptr="*fp32", gscale_ptr="*fp32",

@@ -155,7 +155,15 @@ def _logit_distill_kernel(
     USE_DTKD: tl.constexpr, USE_REL: tl.constexpr, REL_K: tl.constexpr, RANK_BY_TEACHER: tl.constexpr,
     USE_TDL: tl.constexpr, TDL_K: tl.constexpr, K_PAD: tl.constexpr, NEG_PAD: tl.constexpr,
     NEED_SUMS: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr,
+    VEC: tl.constexpr,
 ):
+    if VEC > 1:
+        # C and the row strides are multiples of VEC (vector_width in the launcher): lets the compiler use vector
+        # loads/stores (e.g. 4 x fp32) for row lengths such as ImageNet's 1000
+        C = C // VEC * VEC  # the same value, now provably a multiple of VEC for the compiler
+        stride_s_row = stride_s_row // VEC * VEC
+        stride_t_row = stride_t_row // VEC * VEC
+        stride_g_row = stride_g_row // VEC * VEC
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s_row
     t_row = t_ptr + row * stride_t_row
@@ -641,8 +649,16 @@ def block_config(C: int):
     return block, block >= C, num_warps
 
 
+def vector_width(*counts: int) -> int:
+    """The largest power of two ≤ 16 dividing every element count (C and the row strides)."""
+    vec = 16
+    while vec > 1 and any(n % vec for n in counts):
+        vec //= 2
+    return vec
+
+
 def kernel_flags(p: dict, *, learnable: bool, has_labels: bool, temp_is_tensor: bool,
-                 gscale_is_tensor: bool, write_grad: bool, dtype: torch.dtype, C: int) -> dict:
+                 gscale_is_tensor: bool, write_grad: bool, dtype: torch.dtype, C: int, vec: int = 1) -> dict:
     """The ``tl.constexpr`` switches of a packed spec (``p``: field → value of ``LogitDistill.pack``):
     a preset pays only for the features it uses."""
     tsm_k = p["tsm_k"] if p["use_tsm"] else 1
@@ -661,7 +677,7 @@ def kernel_flags(p: dict, *, learnable: bool, has_labels: bool, temp_is_tensor: 
         TDL_K=tdl_k, K_PAD=_next_pow2(max(tsm_k, rel_k, tdl_k, 2)), NEG_PAD=_next_pow2(max(2 * tdl_k, 2)),
         NEED_SUMS=(write_grad and (standardize or use_dtkd)) or learnable,
         BLOCK_C=block, SINGLE_BLOCK=single,
-        ACC=tl.float64 if dtype == torch.float64 else tl.float32,
+        ACC=tl.float64 if dtype == torch.float64 else tl.float32, VEC=vec,
     )
 
 
@@ -689,7 +705,8 @@ def logit_distill_fwd(s: torch.Tensor, t: torch.Tensor, labels: Optional[torch.T
     p = unpack(floats, ints)
     flags = kernel_flags(p, learnable=learnable, has_labels=labels is not None,
                          temp_is_tensor=temperature is not None, gscale_is_tensor=grad_scale is not None,
-                         write_grad=grad is not None, dtype=s.dtype, C=C)
+                         write_grad=grad is not None, dtype=s.dtype, C=C,
+                         vec=vector_width(C, s.stride(0), t.stride(0), grad.stride(0) if grad is not None else 0))
     if N == 0:
         return loss_rows, dtemp
     _wrap(_logit_distill_kernel)[(N,)](
