@@ -32,9 +32,29 @@ def test_compile_fullgraph_cpu_twin(gen):
     _check("cpu", "cpu", gen)
 
 
+@pytest.mark.skipif(unavailable_reason("triton", torch.device("cpu")) is not None,
+                    reason="Triton runs on CPU tensors only under TRITON_INTERPRET=1")
+def test_compile_fullgraph_triton_interpreted(gen):
+    """The Triton engine's ops (an opaque custom_op under the interpreter, ci.md) inside a fullgraph."""
+    _check("triton", "cpu", gen)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_compile_fullgraph_gpu(backend, gen):
     if unavailable_reason(backend, torch.device("cuda")) is not None:
         pytest.skip(unavailable_reason(backend, torch.device("cuda")))
     _check(backend, "cuda", gen)
+
+
+@pytest.mark.skipif(unavailable_reason("triton", torch.device("cpu")) is not None,
+                    reason="Triton runs on CPU tensors only under TRITON_INTERPRET=1")
+def test_opcheck_triton_engine_ops(gen):
+    s = torch.randn(3, 10, generator=gen)
+    t = torch.randn(3, 10, generator=gen)
+    y = torch.tensor([1, -100, 4])
+    floats, ints = kdk.LogitDistill(kd_weight=0.0, decoupled=kdk.Decoupled(1.0, 8.0)).pack()
+    torch.library.opcheck(torch.ops.kdkernels.triton_logit_distill.default,
+                          (s, t, y, None, torch.empty_like(s), None, 1 / 3, floats, ints, False))
+    torch.library.opcheck(torch.ops.kdkernels.triton_scale_rows_.default,
+                          (torch.randn(3, 10, generator=gen), torch.tensor([2.0, 1.0, 0.5])))

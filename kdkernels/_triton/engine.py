@@ -736,11 +736,28 @@ def scale_rows_(grad: torch.Tensor, factor: torch.Tensor) -> None:
                                    num_warps=num_warps)
 
 
-# torch.library registration: the launches become ops that torch.compile can trace (fullgraph on GPU)
-if hasattr(torch.library, "triton_op"):
+# torch.library registration: triton_op + wrap_triton (torch >= 2.6) on the GPU, so torch.compile traces
+# through the launches (fullgraph); an opaque custom_op with a fake implementation under the interpreter
+# (triton_op's fake-tensor tracing would run the interpreted kernel on fake tensors) or on an older torch.
+if hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton") and not interpreting():
     logit_distill_fwd = torch.library.triton_op("kdkernels::triton_logit_distill", logit_distill_fwd,
                                                 mutates_args={"grad"})
     scale_rows_ = torch.library.triton_op("kdkernels::triton_scale_rows_", scale_rows_, mutates_args={"grad"})
+else:
+    _wrap = lambda kernel: kernel  # noqa: E731 - plain launches inside an opaque op
+    logit_distill_fwd = torch.library.custom_op("kdkernels::triton_logit_distill", logit_distill_fwd,
+                                                mutates_args={"grad"})
+    scale_rows_ = torch.library.custom_op("kdkernels::triton_scale_rows_", scale_rows_, mutates_args={"grad"})
+
+    @logit_distill_fwd.register_fake
+    def _(s, t, labels, temperature, grad, grad_scale, grad_scale_value, floats, ints, learnable):
+        acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+        N = s.shape[0]
+        return s.new_empty((N,), dtype=acc), s.new_empty((N if learnable else 0,), dtype=acc)
+
+    @scale_rows_.register_fake
+    def _(grad, factor):
+        return None
 
 
 class TritonLauncher:
