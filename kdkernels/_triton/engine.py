@@ -21,8 +21,9 @@ Passes over a row (each only when its ``tl.constexpr`` flag needs it; a row of â
 read from memory once and kept in registers, longer rows stream in ``BLOCK_C`` blocks):
 
     P1 moments of s and t (standardize)      P2 teacher top-k + mean (TopKScale)
-    P3 online LSEs at T (all, non-target, raw for CE), row maxima/argmax (DTKD), top-k lists
-       (LDRLD ranking, TDL Pos and the 2k smallest for Neg)
+    P3 online LSEs at T (the non-target ones for DKD/AEKT, the full LSE then following exactly as
+       logaddexp(LSE_{â‰ y}, z_y); raw logits for CE), row maxima/argmax (DTKD), top-k lists (LDRLD
+       ranking, TDL Pos and the 2k smallest for Neg)
     P4 LSEs restricted to the complement of the top-k (LDRLD), TDL's Non sums, LSEs at T_s/T_t (DTKD)
     P5 loss and the row sums the gradient needs (standardize, DTKD's argmax column, learnable T)
     P6 gradient write (loss too when P5 did not run)
