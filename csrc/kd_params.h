@@ -11,11 +11,12 @@
 #define KD_FLOAT_FIELDS(X)                                                                       \
   X(temperature) X(kd_weight) X(ce_weight) X(tckd_weight) X(nckd_weight) X(max_weight)            \
   X(dtkd_weight) X(local_weight) X(rest_weight) X(rel_eps) X(rel_delta) X(rel_lambda)             \
-  X(tdl_weight) X(tdl_pos) X(tdl_neg) X(tdl_non) X(tsm_scale) X(tsm_shift) X(tsm_gt_scale)
+  X(tdl_weight) X(tdl_pos) X(tdl_neg) X(tdl_non) X(tsm_scale) X(tsm_shift) X(tsm_gt_scale)             \
+  X(loss_weight)
 
 #define KD_INT_FIELDS(X)                                                                         \
   X(ignore_index) X(standardize) X(use_tsm) X(tsm_k) X(use_decoupled) X(adaptive_tckd)            \
-  X(use_relation) X(rel_k) X(rank_by_teacher) X(use_tdl) X(tdl_k)
+  X(use_relation) X(rel_k) X(rank_by_teacher) X(use_tdl) X(tdl_k) X(reduction)
 // clang-format on
 
 namespace kd {

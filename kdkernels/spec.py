@@ -167,6 +167,7 @@ class LogitDistill:
     ignore_index: int = -100
     check: Optional[bool] = None
     inplace: bool = False
+    loss_weight: float = 1.0
 
     def __post_init__(self):
         T = self.temperature
@@ -175,7 +176,7 @@ class LogitDistill:
                 raise TypeError(f"temperature tensor must be floating point, got {T.dtype}")
         else:
             object.__setattr__(self, "temperature", _positive("temperature", T))
-        for name in ("kd_weight", "ce_weight", "dtkd_weight", "contrastive_weight"):
+        for name in ("kd_weight", "ce_weight", "dtkd_weight", "contrastive_weight", "loss_weight"):
             object.__setattr__(self, name, _finite(name, getattr(self, name)))
         object.__setattr__(self, "contrastive_tau", _positive("contrastive_tau", self.contrastive_tau))
         object.__setattr__(self, "teacher_topk_scale", TopKScale.coerce(self.teacher_topk_scale))
@@ -246,6 +247,7 @@ class LogitDistill:
             use_relation=int(self.relation is not None), rel_k=rel.k,
             rank_by_teacher=int(rel.rank_by == "teacher"),
             use_tdl=int(self.tdl is not None), tdl_k=tdl.k,
+            loss_weight=self.loss_weight, reduction=REDUCTION_CODES[self.reduction],
         )
         return [float(values[f]) for f in FLOAT_FIELDS], [int(values[f]) for f in INT_FIELDS]
 
@@ -264,12 +266,15 @@ FLOAT_FIELDS = (
     "temperature", "kd_weight", "ce_weight", "tckd_weight", "nckd_weight", "max_weight",
     "dtkd_weight", "local_weight", "rest_weight", "rel_eps", "rel_delta", "rel_lambda",
     "tdl_weight", "tdl_pos", "tdl_neg", "tdl_non", "tsm_scale", "tsm_shift", "tsm_gt_scale",
+    "loss_weight",
 )
 #: flat int parameters, in order (mirrored by csrc/kd_params.h)
 INT_FIELDS = (
     "ignore_index", "standardize", "use_tsm", "tsm_k", "use_decoupled", "adaptive_tckd",
-    "use_relation", "rel_k", "rank_by_teacher", "use_tdl", "tdl_k",
+    "use_relation", "rel_k", "rank_by_teacher", "use_tdl", "tdl_k", "reduction",
 )
+#: ``reduction`` as the kernels see it (the ``reduction`` int field)
+REDUCTION_CODES = {"none": 0, "sum": 1, "batchmean": 2}
 
 
 class PackedSpec(NamedTuple):

@@ -314,7 +314,8 @@ def test_pack_lengths_and_values():
     assert (f["tdl_weight"], f["tdl_pos"], f["tdl_neg"], f["tdl_non"]) == (0.7, 0.1, 0.2, 0.3)
     assert (f["tsm_scale"], f["tsm_shift"], f["tsm_gt_scale"]) == (0.2, 0.5, 0.5)
     assert i == dict(ignore_index=-1, standardize=1, use_tsm=1, tsm_k=3, use_decoupled=1, adaptive_tckd=1,
-                     use_relation=1, rel_k=4, rank_by_teacher=1, use_tdl=1, tdl_k=2)
+                     use_relation=1, rel_k=4, rank_by_teacher=1, use_tdl=1, tdl_k=2, reduction=2)
+    assert f["loss_weight"] == 1.0
     f0 = dict(zip(FLOAT_FIELDS, specs[0].pack()[0]))
     i0 = dict(zip(INT_FIELDS, specs[0].pack()[1]))
     assert f0["temperature"] == 4.0 and f0["kd_weight"] == 1.0
