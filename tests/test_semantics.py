@@ -347,7 +347,8 @@ def test_standardize_constant_row(backend):
 # mixed dtypes: each operand loaded in its own dtype
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("s_dtype,t_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
-                                             (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)])
+                                             (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)],
+                         ids=["bf16-fp32", "fp16-fp32", "fp32-bf16", "bf16-fp16"])
 @pytest.mark.parametrize("name", ["kd", "dkd", "kd_ce_std", "topkd"])
 def test_mixed_student_teacher_dtypes(backend, name, s_dtype, t_dtype, gen):
     """bf16 student + fp32 teacher (and friends) equals the same values both held in float32, the gradient
