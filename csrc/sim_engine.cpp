@@ -1,7 +1,8 @@
 // sim_engine.cpp — the CUDA launch's code path (kd_block_row.h: StreamView + a simulated block of `lanes`
 // threads, sim_exec.h) on host memory, behind the test-only op kdkernels::_logit_distill_fwd_sim (ops.cpp).
 // It checks on machines without a GPU what only the CUDA kernels run: the prologue's count (here a host
-// loop), one block per row, then the last block's reduce_rows. One row at a time.
+// loop), one block per row (the two-pass plain-KD specialisation where the GPU takes it), then the last
+// block's reduce_rows. One row at a time.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -37,9 +38,11 @@ template <class S, class Tt, class A>
 void sim_forward_typed(const KdLaunch& L, int lanes) {
   unsigned long long count = 0;
   for (int64_t n = 0; n < L.N; ++n) count += row_counted(L, n) ? 1ull : 0ull;
+  const bool two_pass_kd = use_two_pass_kd<S, Tt>(L);
   for (int64_t n = 0; n < L.N; ++n)
     on_block<A>(lanes, [&](const SimExec<A>& ex, SimBlock<A>& block) {
-      run_block_row<S, Tt, A, HostCvt>(ex, block.sh, L, n, count);
+      if (two_pass_kd) run_block_row_kd<S, Tt, A, HostCvt>(ex, L, n, count);
+      else run_block_row<S, Tt, A, HostCvt>(ex, block.sh, L, n, count);
     });
   if (L.params.reduction == kReduceNone) return;
   const A* rows = static_cast<const A*>(L.row_loss);

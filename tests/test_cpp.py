@@ -3,10 +3,12 @@ by the block simulator, the torch.library ops, the parameter-layout mirror and t
 
 * parity: every preset × {fp32, fp64, bf16} × C ∈ {3, 10, 100, 1000} with an ignored row, a bad-label row
   (NaN loss and gradient), masked (−inf) classes, against ``kdkernels.reference`` in float64;
-* the same matrix through ``SimulatedCudaLauncher`` (kd_row.h with the CUDA StreamView and a simulated
-  multi-lane block), so the CUDA kernels' logic is tested where no GPU exists;
+* the same matrix through ``SimulatedCudaLauncher`` (the CUDA launch's code: kd_row.h with the CUDA
+  StreamView, or the two-pass plain-KD specialisation kd_row_kd.h, on a simulated multi-lane block, then
+  the last block's reduction), so the CUDA kernels' logic is tested where no GPU exists;
 * float64 gradcheck through ``kdk.logit_distill(..., backend="cpu")`` for every preset, the learnable
-  temperature, N = 1, an all-ignored batch, inplace, opcheck, torch.compile;
+  temperature, N = 1, an all-ignored batch, inplace, opcheck, torch.compile; the ops' version bumps
+  (Tensor(a!)) and mixed student/teacher dtypes;
 * ``nvcc -c`` of the CUDA sources for sm_80 and sm_90 (skipped only where nvcc is absent);
 * GPU-marked: the matrix and gradcheck for ``backend="cuda"``.
 """
@@ -352,7 +354,27 @@ def test_cuda_path_simulated_warp_sized_block(name, gen):
 
 
 @needs_cpp
-@pytest.mark.parametrize("name", ["kd_std", "dtkd", "ldrld", "topkd", "dkd_std_tsm_ce", "aekt"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("C", [7, 40, 129])
+def test_cuda_path_simulated_two_pass_kd(C, dtype, gen):
+    """Plain-KD specs take the two-pass, vector-load specialisation (kd_row_kd.h) on rows aligned for
+    16-byte chunks and the general engine otherwise (a view starting one column in): both match the
+    reference, vector tails (C not a multiple of the chunk) and masked, ignored, bad rows included."""
+    N, width = 5, (C + 1 + 7) // 8 * 8  # row stride: a multiple of every chunk width
+    s, t, y = make_inputs(gen, N, width, dtype)
+    y = torch.where((y >= 0) & (y < C), y, y.clamp(max=C + 5))
+    for name in ("kd", "kd_ce", "kd_row_T"):
+        spec = fit(presets(C)[name], N, torch.float64 if dtype == torch.float64 else torch.float32)
+        T = spec.temperature.detach() if isinstance(spec.temperature, torch.Tensor) else None
+        for what, cols in {"aligned": slice(0, C), "misaligned": slice(1, C + 1)}.items():
+            a, b = s[:, cols], t[:, cols]
+            grad = torch.full((N, width), math.nan, dtype=dtype)[:, cols]
+            loss, _ = _sim(4).forward(a, b, y, T, spec.replace(reduction="none").packed(), grad, None)
+            assert_parity((loss, grad), reference64(a, b, y, spec), y, C, dtype, f"{name} {what}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("name", ["kd", "kd_ce", "kd_std", "dtkd", "ldrld", "topkd", "dkd_std_tsm_ce", "aekt"])
 def test_cuda_path_simulated_gradient_is_the_derivative(name, gen):
     """The simulated CUDA launch's gradient of the batchmean loss against central differences of its own
     loss (float64): the gradient, the in-launch count and the last block's reduction agree."""

@@ -8,7 +8,8 @@
 //   forward_kernel<<<N, …>>>    each block runs its row (kd_block_row.h); for sum / batchmean every block
 //                               then takes a ticket (atomicAdd after a __threadfence), and the block that
 //                               draws the last one sums all row losses in a fixed order (deterministic).
-// Reduction none skips the prologue: one kernel.
+// Reduction none skips the prologue: one kernel. The row kernel is forward_kd_kernel (kd_row_kd.h: two
+// passes, 16-byte loads, no top-k machinery) for plain-KD specs on aligned rows, else forward_kernel.
 //
 // Block size by row length: 32 threads up to C = 64, 128 up to 1024, 256 up to 16384, 512 beyond
 // (the row is streamed in strided column tiles; registers bound the block at 512 for the fp64 path).
@@ -50,24 +51,44 @@ __global__ void prepare_kernel(const KdLaunch L) {
   }
 }
 
-template <class S, class Tt, class A>
-__global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KdLaunch L) {
-  __shared__ RowShared<A> sh;
+//: the tail of a row block for sum / batchmean: take a ticket after this block's row loss is visible
+//: device-wide; the block that draws the last one sums every row loss (reduce_rows, fixed order)
+template <class A, class Exec>
+__device__ __forceinline__ void reduce_if_last(const Exec& ex, const KdLaunch& L, unsigned long long count) {
   __shared__ bool last_block;
-  auto* scratch = static_cast<KdScratch*>(L.scratch);
-  const bool reduce = L.params.reduction != kReduceNone;
-  const unsigned long long count = reduce ? scratch->count : 0ull;
-  const GpuExec<A> ex{&sh};
-  run_block_row<S, Tt, A, CudaCvt>(ex, sh, L, blockIdx.x, count);
-  if (!reduce) return;
-  __threadfence();  // this block's row loss is visible device-wide before its ticket is
+  __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) last_block = atomicAdd(&scratch->ticket, 1u) == gridDim.x - 1;
+  if (threadIdx.x == 0) last_block = atomicAdd(&static_cast<KdScratch*>(L.scratch)->ticket, 1u) == gridDim.x - 1;
   __syncthreads();
   if (!last_block) return;
   __threadfence();
   const A* rows = static_cast<const A*>(L.row_loss);
   reduce_rows<A>(ex, L, count, [&](int64_t n) { return __ldcg(rows + n); });
+}
+
+//: batchmean's valid-row count (0 when the launch does not reduce: no prologue ran)
+__device__ __forceinline__ unsigned long long launch_count(const KdLaunch& L) {
+  return L.params.reduction != kReduceNone ? static_cast<const KdScratch*>(L.scratch)->count : 0ull;
+}
+
+//: the general engine: any spec, one block per row (kd_row.h over a StreamView)
+template <class S, class Tt, class A>
+__global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KdLaunch L) {
+  __shared__ RowShared<A> sh;
+  const unsigned long long count = launch_count(L);
+  const GpuExec<A> ex{&sh};
+  run_block_row<S, Tt, A, CudaCvt>(ex, sh, L, blockIdx.x, count);
+  if (L.params.reduction != kReduceNone) reduce_if_last<A>(ex, L, count);
+}
+
+//: plain KD (+ CE, learnable T) in two passes with 16-byte vector loads (kd_row_kd.h)
+template <class S, class Tt, class A>
+__global__ void __launch_bounds__(kMaxThreads) forward_kd_kernel(const KdLaunch L) {
+  __shared__ BlockScratch<A> sh;
+  const unsigned long long count = launch_count(L);
+  const GpuExec<A, BlockScratch<A>> ex{&sh};
+  run_block_row_kd<S, Tt, A, CudaCvt>(ex, L, blockIdx.x, count);
+  if (L.params.reduction != kReduceNone) reduce_if_last<A>(ex, L, count);
 }
 
 template <class scalar_t, class A, class factor_t>
@@ -84,7 +105,9 @@ __global__ void scale_kernel(scalar_t* grad, int64_t C, int64_t ld, const factor
 template <class S, class Tt, class A>
 int launch_forward(const KdLaunch& L, cudaStream_t stream) {
   if (L.params.reduction != kReduceNone) prepare_kernel<<<1, kPrepareThreads, 0, stream>>>(L);
-  forward_kernel<S, Tt, A><<<static_cast<unsigned>(L.N), block_threads(L.C), 0, stream>>>(L);
+  const dim3 grid(static_cast<unsigned>(L.N)), block(block_threads(L.C));
+  if (use_two_pass_kd<S, Tt>(L)) forward_kd_kernel<S, Tt, A><<<grid, block, 0, stream>>>(L);
+  else forward_kernel<S, Tt, A><<<grid, block, 0, stream>>>(L);
   return static_cast<int>(cudaGetLastError());
 }
 
