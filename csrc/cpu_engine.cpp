@@ -1,9 +1,11 @@
 // cpu_engine.cpp — the CPU twin of the CUDA engine: the same row math (kd_row.h), one lane per row.
 //
 // Rows are split across threads with at::parallel_for; each chunk owns one workspace of thread-local row
-// buffers in the accumulation dtype (float for f32/bf16/f16, double for f64). A 16-bit row is widened
-// into it at the row boundary (and its gradient narrowed back), so the heavy row code exists once per
-// accumulation dtype. Inside a row (run_row): standardisation and TSM are applied in place (else the
+// buffers in the accumulation dtype (double when s is f64, float otherwise). Each operand stored in another
+// dtype (16-bit, or a teacher whose dtype differs from the student's: bf16 student + fp32 teacher) is
+// widened into it at the row boundary (and the gradient narrowed back), so the heavy row code exists
+// once per accumulation dtype. The valid-row count comes first (labels only), the scalar of sum/batchmean
+// last. Inside a row (run_row): standardisation and TSM are applied in place (else the
 // input row is read where it lies), every pass of kd_row.h runs as one unit-stride, vectorisable loop per
 // term over L1/L2-resident memory (Exec::kSplitTerms), the bulk gradient is buffered in P5 and the
 // output row is written exactly once in P6. run_row is compiled for AVX2 and for the x86-64 baseline.
@@ -47,7 +49,7 @@ struct CpuExec {
   void topk(Key key, int C, int k, Sel<A>& out) const {
     int cnt = 0;
     out.k = k;
-    for (int c = 0; c < C; ++c) topk_insert(out.key, out.idx, cnt, k, key(c), c);
+    for (int c = 0; c < C; ++c) topk_insert(out.key, out.idx, cnt, k, ksel_key(key(c)), c);
   }
 };
 
@@ -110,15 +112,8 @@ struct BufView {
   void write(int c, A g) { out[c] = g; }
 };
 
-//: the gradient scale of row n (a float, or a float32/float64 [N] tensor)
-inline double row_scale(const KdLaunch& L, int64_t n) {
-  if (!L.grad_scale) return L.grad_scale_value;
-  return L.scale_f64 ? static_cast<const double*>(L.grad_scale)[n * L.scale_stride]
-                     : static_cast<const float*>(L.grad_scale)[n * L.scale_stride];
-}
-
 //: one thread's row workspace: the view's 5 buffers, 3 staging rows (s, t, gradient in the accumulation
-//: dtype, for 16-bit inputs), and the row state
+//: dtype, for operands stored in another dtype), and the row state
 template <class A>
 struct Workspace {
   explicit Workspace(int64_t C) : C(C), buf(static_cast<size_t>(C) * 8), sh(new RowShared<A>()) {}
@@ -148,17 +143,29 @@ KD_CPU_CLONES void run_row(const KdParams& P, RowIO<A>& io, const A* s, const A*
   distill_row(CpuExec{}, v, *sh, P, io);
 }
 
-//: rows [begin, end): storage dtype ↔ accumulation dtype at the row boundary, the math in run_row
-template <class scalar_t, class A>
-void forward_rows(const KdLaunch& L, int64_t begin, int64_t end, Workspace<A>& ws) {
-  constexpr bool kDirect = std::is_same_v<scalar_t, A>;
+//: a row of x in the accumulation dtype: the row itself when stored in it, else widened into `stage`
+template <class A, class X>
+const A* widened(const X* x, int C, A* stage) {
+  if constexpr (std::is_same_v<X, A>) {
+    return x;
+  } else {
+    for (int c = 0; c < C; ++c) stage[c] = static_cast<A>(x[c]);
+    return stage;
+  }
+}
+
+//: rows [begin, end): each operand widened from its own storage dtype at the row boundary (no [N, C]
+//: copy), the math in run_row, the gradient narrowed back to s's dtype; loss/∂ℓ/∂T rows scaled by r
+template <class S, class Tt, class A>
+void forward_rows(const KdLaunch& L, int64_t begin, int64_t end, A rscale, Workspace<A>& ws) {
   const int C = static_cast<int>(L.C);
-  const auto* S = static_cast<const scalar_t*>(L.s);
-  const auto* Tt = static_cast<const scalar_t*>(L.t);
-  auto* G = static_cast<scalar_t*>(L.grad);
-  auto* loss = static_cast<A*>(L.loss);
+  const auto* Sp = static_cast<const S*>(L.s);
+  const auto* Tp = static_cast<const Tt*>(L.t);
+  auto* G = static_cast<S*>(L.grad);
+  auto* rows = static_cast<A*>(L.row_loss);
   auto* dtemp = static_cast<A*>(L.dtemp);
   const auto* temp = static_cast<const A*>(L.temperature);
+  const A lw = static_cast<A>(L.params.loss_weight);
   for (int64_t n = begin; n < end; ++n) {
     RowIO<A> io{};
     io.C = C;
@@ -167,34 +174,51 @@ void forward_rows(const KdLaunch& L, int64_t begin, int64_t end, Workspace<A>& w
     io.T = temp ? temp[n * L.temp_stride] : static_cast<A>(L.params.temperature);
     io.want_grad = G != nullptr;
     io.want_dtemp = dtemp != nullptr;
-    io.grad_scale = static_cast<A>(row_scale(L, n));
-    const scalar_t* s = S + n * L.s_ld;
-    const scalar_t* t = Tt + n * L.t_ld;
-    scalar_t* g = G ? G + n * L.g_ld : nullptr;
-    if constexpr (kDirect) {
+    io.grad_scale = row_factor<A>(L, n) * rscale;
+    const A* s = widened<A>(Sp + n * L.s_ld, C, ws.stage(0));
+    const A* t = widened<A>(Tp + n * L.t_ld, C, ws.stage(1));
+    S* g = G ? G + n * L.g_ld : nullptr;
+    if constexpr (std::is_same_v<S, A>) {
       run_row<A>(L.params, io, s, t, g, ws.view(), ws.sh.get());
     } else {
-      A* st = ws.stage(0);
-      A* tt = ws.stage(1);
       A* gt = ws.stage(2);
-      for (int c = 0; c < C; ++c) st[c] = static_cast<A>(s[c]);
-      for (int c = 0; c < C; ++c) tt[c] = static_cast<A>(t[c]);
-      run_row<A>(L.params, io, st, tt, g ? gt : nullptr, ws.view(), ws.sh.get());
+      run_row<A>(L.params, io, s, t, g ? gt : nullptr, ws.view(), ws.sh.get());
       if (g)
-        for (int c = 0; c < C; ++c) g[c] = static_cast<scalar_t>(gt[c]);
+        for (int c = 0; c < C; ++c) g[c] = static_cast<S>(gt[c]);
     }
-    loss[n] = io.loss;
-    if (dtemp) dtemp[n] = io.dtemp;
+    rows[n] = lw * io.loss;
+    if (dtemp) dtemp[n] = rscale * io.dtemp;
   }
 }
 
-template <class scalar_t, class A>
+//: the count, the rows (at::parallel_for, one workspace per chunk), then the scalar of sum/batchmean
+//: (summed in double, in row order)
+template <class S, class Tt, class A>
 void forward_typed(const KdLaunch& L) {
+  unsigned long long count = 0;
+  for (int64_t n = 0; n < L.N; ++n) count += row_counted(L, n) ? 1ull : 0ull;
+  const A rscale = reduction_scale<A>(L.params, count);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(L.C, 1));
   at::parallel_for(0, L.N, grain, [&](int64_t begin, int64_t end) {
     Workspace<A> ws(L.C);
-    forward_rows<scalar_t, A>(L, begin, end, ws);
+    forward_rows<S, Tt, A>(L, begin, end, rscale, ws);
   });
+  if (L.params.reduction == kReduceNone) return;
+  const A* rows = static_cast<const A*>(L.row_loss);
+  double total = 0.0;
+  for (int64_t n = 0; n < L.N; ++n) total += static_cast<double>(rows[n]);
+  if (L.params.reduction == kReduceBatchmean) total /= static_cast<double>(count > 1ull ? count : 1ull);
+  *static_cast<A*>(L.loss) = static_cast<A>(total);
+}
+
+template <class S, class A>
+void forward_teacher_dispatch(const KdLaunch& L) {
+  switch (L.t_dtype) {
+    case KdDtype::f32: return forward_typed<S, float, A>(L);
+    case KdDtype::f64: return forward_typed<S, double, A>(L);
+    case KdDtype::f16: return forward_typed<S, c10::Half, A>(L);
+    case KdDtype::bf16: return forward_typed<S, c10::BFloat16, A>(L);
+  }
 }
 
 template <class scalar_t, class factor_t>
@@ -217,11 +241,11 @@ void scale_typed(void* grad, int64_t N, int64_t C, int64_t ld, const factor_t* f
 }  // namespace
 
 void cpu_forward(const KdLaunch& L) {
-  switch (L.dtype) {
-    case KdDtype::f32: return forward_typed<float, float>(L);
-    case KdDtype::f64: return forward_typed<double, double>(L);
-    case KdDtype::f16: return forward_typed<c10::Half, float>(L);
-    case KdDtype::bf16: return forward_typed<c10::BFloat16, float>(L);
+  switch (L.s_dtype) {
+    case KdDtype::f32: return forward_teacher_dispatch<float, float>(L);
+    case KdDtype::f64: return forward_teacher_dispatch<double, double>(L);
+    case KdDtype::f16: return forward_teacher_dispatch<c10::Half, float>(L);
+    case KdDtype::bf16: return forward_teacher_dispatch<c10::BFloat16, float>(L);
   }
 }
 

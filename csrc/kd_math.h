@@ -21,6 +21,7 @@
 #define KD_SIMD_SUM(...)
 #define KD_SIMD_MAX(...)
 #define KD_SIMD_MAX_SUM(m, ...)
+#define KD_SIMD(...)
 #else
 #define KD_FN inline __attribute__((always_inline))
 #define KD_HD inline __attribute__((always_inline))
@@ -29,6 +30,8 @@
 #define KD_SIMD_SUM(...) KD_PRAGMA(omp simd reduction(+ : __VA_ARGS__))
 #define KD_SIMD_MAX(...) KD_PRAGMA(omp simd reduction(max : __VA_ARGS__))
 #define KD_SIMD_MAX_SUM(m, ...) KD_PRAGMA(omp simd reduction(max : m) reduction(+ : __VA_ARGS__))
+//: `omp simd` with the given clauses (host only)
+#define KD_SIMD(...) KD_PRAGMA(omp simd __VA_ARGS__)
 #endif
 
 namespace kd {
@@ -82,6 +85,16 @@ template <class A>
 KD_HD A kmin(A a, A b) { return a < b ? a : b; }
 template <class A>
 KD_HD bool kfinite(A x) { return x == x && x != kinf<A>() && x != -kinf<A>(); }
+//: a KL value clamped at 0 where rounding made it negative (NaN stays NaN)
+template <class A>
+KD_HD A kclamp0(A x) { return x < A(0) ? A(0) : x; }
+//: x·0 for the non-masked entries (−inf gives 0): 0 for finite x, NaN for NaN and +inf, so its row sum is NaN
+//: exactly when the row holds a NaN or a +inf (a −inf entry is a masked class and is skipped)
+template <class A>
+KD_HD A kpoison(A x) { return x != -kinf<A>() ? x * A(0) : A(0); }
+//: a top-k key with NaN mapped to −inf, so a selection never takes an index outside the row
+template <class A>
+KD_HD A ksel_key(A x) { return x == x ? x : -kinf<A>(); }
 //: a finite shift for exp(z − M): M itself, or 0 when M is ±inf/NaN (an empty set gives exp(−inf) = 0)
 template <class A>
 KD_HD A kshift(A m) { return kfinite(m) ? m : A(0); }

@@ -73,14 +73,17 @@ struct RowState {
   bool kd, dec, dtkd, rel, tdl, full, want_dtemp;
   // standardisation of s (for the backward)
   A n_s, sd_s, sp_s;
-  // LSEs at T: all classes, non-target, rest (c ∉ I)
+  // shifts (row maxima of s̃, t' over: all classes, non-target, rest c ∉ I; 0 for an empty set) and the
+  // shifted LSEs at T: lse_X = log Σ_{c∈X} exp((z_c − m_X)/T), so log q_c = (s̃_c − m)/T − lse (exact where
+  // s̃/T itself would overflow)
+  A m_s, m_t, m_s_nt, m_t_nt, m_s_r, m_t_r;
   A lse_s, lse_t, lse_s_nt, lse_t_nt, lse_s_r, lse_t_r;
   // DKD / AEKT
   A b0, b1, alpha, tckd;
   // DTKD
   bool dt_ok;
   int dt_m;
-  A dt_x, dt_v, Ts, Tt, lse_sd, lse_td, dv;
+  A dt_x, dt_v, Ts, Tt, lse_sd, lse_td, dv;  // lse_sd/td shifted by m_s/m_t (T_s, T_t > 0)
   // TDL per group (Pos, Neg, Non): u·v, |u|², den = max(|u||v|, eps), den clamped?
   A uv[3], uu[3], den[3];
   bool clamped[3];

@@ -15,12 +15,12 @@ KD_FN void full_pass_split(const KdParams& P0, const RowState<A>& rs0, View& v, 
   const KdParams P = P0;
   const RowState<A> rs = rs0;
   A kl = A(0), a1 = A(0), a2 = A(0), a3 = A(0), nc = A(0);
-  const A iT = rs.iT;
+  const A iT = rs.iT, ms = rs.m_s, mt = rs.m_t;
   const int y = kDec ? rs.y : -1;
   KD_SIMD_SUM(kl, a1, a2, a3, nc)
   for (int c = 0; c < C; ++c) {
     const A a = v.s(c), b = v.t(c);
-    const FullTerm<A> r = term_full_qp(P, rs, kKd, kDec, kDtemp, c == y, a, b, a * iT, b * iT,
+    const FullTerm<A> r = term_full_qp(P, rs, kKd, kDec, kDtemp, c == y, a, b, (a - ms) * iT, (b - mt) * iT,
                                        v.kept_exp_s(c) * rss, v.kept_exp_t(c) * rst);
     v.store_bulk(c, r.g);
     kl += r.kl;

@@ -8,26 +8,28 @@
 //        gt-rule value at y, t̃ elsewhere.
 // The gradient is not buffered (kBuffersGrad = false): kd_row.h recomputes the bulk gradient in its last
 // pass and writes each element once, after its last read (so grad may alias s).
-// Cvt supplies `A to_acc<A>(scalar_t)` and `scalar_t from_acc(A)` for the storage type.
+// S, Tt: the storage dtypes of s (and the gradient) and of t, which may differ (bf16 student + fp32
+// teacher): each is loaded in its own dtype and converted in registers. Cvt supplies `A to_acc<A>(x)` for
+// both and `S from_acc<S>(A)` for the gradient.
 #pragma once
 
 #include "kd_row.h"
 
 namespace kd {
 
-template <class scalar_t, class A, class Cvt>
+template <class S, class Tt, class A, class Cvt>
 struct StreamView {
   static constexpr bool kBuffersGrad = false;
-  const scalar_t* sp;
-  const scalar_t* tp;
-  scalar_t* gp;
+  const S* sp;
+  const Tt* tp;
+  S* gp;
   bool std_on;
   A mu_s, sp_s, mu_t, sp_t;
   const RowShared<A>* tsm;  // non-null once TSM is applied
   int ty_col;
   A ty_val;
 
-  KD_FN void init(const scalar_t* s, const scalar_t* t, scalar_t* g) {
+  KD_FN void init(const S* s, const Tt* t, S* g) {
     sp = s;
     tp = t;
     gp = g;
@@ -74,7 +76,7 @@ struct StreamView {
   KD_FN void store_bulk(int, A) {}
   KD_FN A bulk(int) const { return A(0); }
   KD_FN void add_bulk(int, A) {}
-  KD_FN void write(int c, A g) const { gp[c] = Cvt::template from_acc<scalar_t>(g); }
+  KD_FN void write(int c, A g) const { gp[c] = Cvt::template from_acc<S>(g); }
 };
 
 }  // namespace kd

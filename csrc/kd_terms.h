@@ -34,6 +34,7 @@ struct RestTerm { A g, klr; };
 
 //: KD and DKD/AEKT at T with q = softmax(zs)_c and p = softmax(zt)_c given (they share them; the CPU twin
 //: keeps them from P4); tgt: c is the label column
+//: (zs, zt: the shifted scaled logits (s̃_c − m_s)/T, (t'_c − m_t)/T)
 template <class A>
 KD_FN FullTerm<A> term_full_qp(const KdParams& P, const RowState<A>& rs, bool kd, bool dec, bool dtemp, bool tgt,
                                A a, A b, A zs, A zt, A q, A p) {
@@ -51,7 +52,7 @@ KD_FN FullTerm<A> term_full_qp(const KdParams& P, const RowState<A>& rs, bool kd
     }
   }
   if (dec) {  // the target column takes only TCKD; q̂, p̂ (softmaxes over c ≠ y) are unused there
-    const A lqh = zs - rs.lse_s_nt, lph = zt - rs.lse_t_nt;
+    const A lqh = (a - rs.m_s_nt) * rs.iT - rs.lse_s_nt, lph = (b - rs.m_t_nt) * rs.iT - rs.lse_t_nt;
     const A qh = kexp(lqh), ph = kexp(lph);
     const A dt = (rs.b0 + rs.b1) * q - (tgt ? rs.b0 : rs.b1 * qh);
     r.g += T * rs.alpha * dt + (tgt ? A(0) : T * A(P.nckd_weight) * (qh - ph));
@@ -63,14 +64,14 @@ KD_FN FullTerm<A> term_full_qp(const KdParams& P, const RowState<A>& rs, bool kd
 template <class A>
 KD_FN FullTerm<A> term_full(const KdParams& P, const RowState<A>& rs, bool kd, bool dec, bool dtemp, int c, A a,
                             A b) {
-  const A zs = a * rs.iT, zt = b * rs.iT;
+  const A zs = (a - rs.m_s) * rs.iT, zt = (b - rs.m_t) * rs.iT;
   return term_full_qp(P, rs, kd, dec, dtemp, c == rs.y, a, b, zs, zt, kexp(zs - rs.lse_s), kexp(zt - rs.lse_t));
 }
 
 //: DTKD at (T_s, T_t); with vpath, the sums of ∂KL/∂T_s and ∂KL/∂T_t
 template <class A>
 KD_FN DtkdTerm<A> term_dtkd(const KdParams& P, const RowState<A>& rs, bool vpath, A a, A b) {
-  const A ls = a * rs.iTs - rs.lse_sd, lt = b * rs.iTt - rs.lse_td;
+  const A ls = (a - rs.m_s) * rs.iTs - rs.lse_sd, lt = (b - rs.m_t) * rs.iTt - rs.lse_td;
   const A Q = kexp(ls), Pd = kexp(lt);
   const bool pos = Pd > A(0);
   DtkdTerm<A> r = {A(P.dtkd_weight) * rs.Tt * (Q - Pd), pos ? Pd * (lt - ls) : A(0), A(0), A(0), A(0)};
@@ -85,7 +86,7 @@ KD_FN DtkdTerm<A> term_dtkd(const KdParams& P, const RowState<A>& rs, bool vpath
 //: LDRLD's rest term on the classes outside I
 template <class A>
 KD_FN RestTerm<A> term_rest(const KdParams& P, const RowState<A>& rs, bool in_rel, A a, A b) {
-  const A lq = a * rs.iT - rs.lse_s_r, lp = b * rs.iT - rs.lse_t_r;
+  const A lq = (a - rs.m_s_r) * rs.iT - rs.lse_s_r, lp = (b - rs.m_t_r) * rs.iT - rs.lse_t_r;
   const A q = kexp(lq), p = kexp(lp);
   return {in_rel ? A(0) : A(P.rest_weight) * rs.T * (q - p), (!in_rel && p > A(0)) ? p * (lp - lq) : A(0)};
 }

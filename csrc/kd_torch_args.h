@@ -1,11 +1,13 @@
 // kd_torch_args.h — tensors → KdLaunch for the torch ops (ops.cpp for CPU, cuda/binding.cpp for CUDA).
 //
 // Checks shapes, dtypes, devices, strides and the parameter block (no tensor values are read, so no
-// device sync), allocates the per-row outputs and fills the raw-pointer launch description.
+// device sync), allocates the outputs and fills the raw-pointer launch description. s and t may have
+// different floating dtypes (each is loaded in its own); grad has s's dtype.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/core/TensorImpl.h>
 #include <c10/util/Exception.h>
 
 #include <climits>
@@ -37,18 +39,19 @@ inline void check_rows(const at::Tensor& x, int64_t N, const char* name, const a
 
 struct LaunchTensors {
   KdLaunch launch;
-  at::Tensor loss, dtemp, temperature, grad_scale;  // outputs, and the casts kept alive
+  at::Tensor loss, row_loss, dtemp, temperature, grad_factor, scratch;  // outputs, workspaces, casts kept alive
 };
 
+//: the op's checks (no tensor values are read) and its outputs: loss ([N] for reduction none, else 0-dim),
+//: dtemp ([N] when want_dtemp, else [0]); `device_scratch`: allocate the CUDA launch's KdScratch
 inline LaunchTensors make_launch(const at::Tensor& s, const at::Tensor& t, const c10::optional<at::Tensor>& labels,
                                  const c10::optional<at::Tensor>& temperature, c10::ArrayRef<double> fparams,
                                  c10::ArrayRef<int64_t> iparams, const c10::optional<at::Tensor>& grad,
-                                 const c10::optional<at::Tensor>& grad_scale, double grad_scale_value,
-                                 bool want_dtemp) {
+                                 const c10::optional<at::Tensor>& grad_factor, bool want_dtemp,
+                                 bool device_scratch = false) {
   TORCH_CHECK(s.dim() == 2 && t.sizes() == s.sizes(), "kdkernels: s and t must be [N, C] of the same shape, got ",
               s.sizes(), " and ", t.sizes());
-  TORCH_CHECK(s.scalar_type() == t.scalar_type() && s.device() == t.device(),
-              "kdkernels: s and t must share dtype and device");
+  TORCH_CHECK(s.device() == t.device(), "kdkernels: s and t must be on the same device");
   TORCH_CHECK(s.stride(1) == 1 && t.stride(1) == 1, "kdkernels: s and t need a unit column stride");
   TORCH_CHECK(static_cast<int64_t>(fparams.size()) == kNumFloatFields &&
                   static_cast<int64_t>(iparams.size()) == kNumIntFields,
@@ -68,10 +71,13 @@ inline LaunchTensors make_launch(const at::Tensor& s, const at::Tensor& t, const
   TORCH_CHECK(!P.use_decoupled || C >= 2, "kdkernels: the decoupled term needs C >= 2");
   TORCH_CHECK(!(P.use_decoupled || P.ce_weight != 0) || labels.has_value(),
               "kdkernels: the decoupled and CE terms need labels");
+  TORCH_CHECK(P.reduction >= kReduceNone && P.reduction <= kReduceBatchmean,
+              "kdkernels: reduction code must be 0 (none), 1 (sum) or 2 (batchmean), got ", P.reduction);
 
   const auto acc = acc_type(s);
   const auto opts = s.options().dtype(acc);
-  L.dtype = kd_dtype(s);
+  L.s_dtype = kd_dtype(s);
+  L.t_dtype = kd_dtype(t);
   L.N = N;
   L.C = C;
   L.s = s.data_ptr();
@@ -103,23 +109,43 @@ inline LaunchTensors make_launch(const at::Tensor& s, const at::Tensor& t, const
     L.temperature = out.temperature.data_ptr();
     L.temp_stride = out.temperature.stride(0);
   }
-  L.grad_scale = nullptr;
-  L.scale_f64 = false;
-  L.scale_stride = 0;
-  L.grad_scale_value = grad_scale_value;
-  if (grad_scale.has_value()) {
-    check_rows(*grad_scale, N, "grad_scale", s);
-    const bool f64 = grad_scale->scalar_type() == at::kDouble;
-    out.grad_scale = f64 ? *grad_scale : grad_scale->to(at::kFloat);
-    L.grad_scale = out.grad_scale.data_ptr();
-    L.scale_f64 = f64;
-    L.scale_stride = out.grad_scale.stride(0);
+  L.grad_factor = nullptr;
+  L.factor_f64 = false;
+  L.factor_stride = 0;
+  if (grad_factor.has_value()) {
+    check_rows(*grad_factor, N, "grad_factor", s);
+    const bool f64 = grad_factor->scalar_type() == at::kDouble;
+    out.grad_factor = f64 ? *grad_factor : grad_factor->to(at::kFloat);
+    L.grad_factor = out.grad_factor.data_ptr();
+    L.factor_f64 = f64;
+    L.factor_stride = out.grad_factor.stride(0);
   }
-  out.loss = at::empty({N}, opts);
+  out.row_loss = at::empty({N}, opts);
+  out.loss = P.reduction == kReduceNone ? out.row_loss : at::empty({}, opts);
   out.dtemp = at::empty({want_dtemp ? N : 0}, opts);
+  L.row_loss = out.row_loss.data_ptr();
   L.loss = out.loss.data_ptr();
   L.dtemp = want_dtemp ? out.dtemp.data_ptr() : nullptr;
+  L.scratch = nullptr;
+  if (device_scratch) {
+    out.scratch = at::empty({static_cast<int64_t>(sizeof(KdScratch))}, s.options().dtype(at::kByte));
+    L.scratch = out.scratch.data_ptr();
+  }
   return out;
+}
+
+//: the dtype pairs of the CUDA engine (and its simulator): any of float32/float16/bfloat16 for s and t,
+//: or float64 for both
+inline void check_block_engine_dtypes(const at::Tensor& s, const at::Tensor& t) {
+  TORCH_CHECK((s.scalar_type() == at::kDouble) == (t.scalar_type() == at::kDouble),
+              "kdkernels: the CUDA engine takes float64 logits only with float64 on both sides, got s ",
+              s.scalar_type(), " and t ", t.scalar_type());
+}
+
+//: an op wrote `x` in place: bump its version counter, so autograd refuses a saved copy of it later
+//: (inference tensors have none)
+inline void mark_written(const at::Tensor& x) {
+  if (!x.is_inference()) x.unsafeGetTensorImpl()->bump_version();
 }
 
 inline void check_scale_args(const at::Tensor& grad, const at::Tensor& factor) {

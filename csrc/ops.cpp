@@ -1,9 +1,12 @@
 // ops.cpp — the torch.library schemas of kdkernels' C++ ops and their CPU kernels.
 //
-//   kdkernels::logit_distill_fwd(s, t, labels?, temperature?, fparams, iparams, grad?, grad_scale?,
-//                                grad_scale_value, want_dtemp) -> (loss_rows, dtemp_rows)
-//       one fused pass of the LogitDistill engine (kd_row.h); writes grad_scale·∂ℓ_n/∂s_n into `grad`
-//       (mutated; may alias s for inplace=True); dtemp_rows is [N] when want_dtemp, else [0].
+//   kdkernels::logit_distill_fwd(s, t, labels?, temperature?, fparams, iparams, grad?, grad_factor?,
+//                                want_dtemp) -> (loss, dtemp)
+//       one launch of the LogitDistill engine (kd_row.h) under the launcher contract of kd_launch.h:
+//       loss is [N] (reduction none: loss_weight·ℓ_n) or 0-dim (sum / batchmean, the valid-row count
+//       taken from labels inside the op); `grad` (mutated, declared Tensor(a!), version bumped; may alias
+//       s for inplace) receives grad_factor·∂loss/∂s; dtemp is ∂loss/∂T_n [N] when want_dtemp, else [0].
+//       s and t may have different floating dtypes.
 //   kdkernels::scale_rows_(grad, factor) -> ()
 //       grad[n, :] *= factor[n], skipping rows whose factor is exactly 1.0 (read on the device).
 //   kdkernels::_logit_distill_fwd_sim(..., lanes) — test-only: the CUDA engine's code path on CPU
@@ -21,11 +24,14 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> logit_distill_fwd_cpu(
     const at::Tensor& s, const at::Tensor& t, const c10::optional<at::Tensor>& labels,
     const c10::optional<at::Tensor>& temperature, c10::ArrayRef<double> fparams, c10::ArrayRef<int64_t> iparams,
-    const c10::optional<at::Tensor>& grad, const c10::optional<at::Tensor>& grad_scale, double grad_scale_value,
-    bool want_dtemp) {
-  LaunchTensors lt = make_launch(s, t, labels, temperature, fparams, iparams, grad, grad_scale, grad_scale_value,
-                                 want_dtemp);
-  if (lt.launch.N > 0) cpu_forward(lt.launch);
+    const c10::optional<at::Tensor>& grad, const c10::optional<at::Tensor>& grad_factor, bool want_dtemp) {
+  LaunchTensors lt = make_launch(s, t, labels, temperature, fparams, iparams, grad, grad_factor, want_dtemp);
+  if (lt.launch.N > 0) {
+    cpu_forward(lt.launch);
+  } else if (lt.launch.params.reduction != kReduceNone) {
+    lt.loss.zero_();
+  }
+  if (grad.has_value()) mark_written(*grad);
   return {lt.loss, lt.dtemp};
 }
 
@@ -34,17 +40,24 @@ void scale_rows_cpu(const at::Tensor& grad, const at::Tensor& factor) {
   if (grad.numel() == 0) return;
   cpu_scale_rows(grad.data_ptr(), kd_dtype(grad), grad.size(0), grad.size(1), grad.stride(0),
                  factor.data_ptr(), factor.scalar_type() == at::kDouble, factor.stride(0));
+  mark_written(grad);
 }
 
 std::tuple<at::Tensor, at::Tensor> logit_distill_fwd_sim(
     const at::Tensor& s, const at::Tensor& t, const c10::optional<at::Tensor>& labels,
     const c10::optional<at::Tensor>& temperature, c10::ArrayRef<double> fparams, c10::ArrayRef<int64_t> iparams,
-    const c10::optional<at::Tensor>& grad, const c10::optional<at::Tensor>& grad_scale, double grad_scale_value,
-    bool want_dtemp, int64_t lanes) {
+    const c10::optional<at::Tensor>& grad, const c10::optional<at::Tensor>& grad_factor, bool want_dtemp,
+    int64_t lanes) {
   TORCH_CHECK(lanes >= 1 && lanes <= 64, "kdkernels: lanes must be in [1, 64]");
-  LaunchTensors lt = make_launch(s, t, labels, temperature, fparams, iparams, grad, grad_scale, grad_scale_value,
-                                 want_dtemp);
-  if (lt.launch.N > 0) sim_forward(lt.launch, static_cast<int>(lanes));
+  check_block_engine_dtypes(s, t);
+  LaunchTensors lt = make_launch(s, t, labels, temperature, fparams, iparams, grad, grad_factor, want_dtemp,
+                                 /*device_scratch=*/true);
+  if (lt.launch.N > 0) {
+    sim_forward(lt.launch, static_cast<int>(lanes));
+  } else if (lt.launch.params.reduction != kReduceNone) {
+    lt.loss.zero_();
+  }
+  if (grad.has_value()) mark_written(*grad);
   return {lt.loss, lt.dtemp};
 }
 
@@ -55,13 +68,11 @@ TORCH_LIBRARY(kdkernels, m) {
   m.set_python_module("kdkernels._cpp");
   m.def(
       "logit_distill_fwd(Tensor s, Tensor t, Tensor? labels, Tensor? temperature, float[] fparams, "
-      "int[] iparams, Tensor(a!)? grad, Tensor? grad_scale, float grad_scale_value, bool want_dtemp) "
-      "-> (Tensor, Tensor)");
+      "int[] iparams, Tensor(a!)? grad, Tensor? grad_factor, bool want_dtemp) -> (Tensor, Tensor)");
   m.def("scale_rows_(Tensor(a!) grad, Tensor factor) -> ()");
   m.def(
       "_logit_distill_fwd_sim(Tensor s, Tensor t, Tensor? labels, Tensor? temperature, float[] fparams, "
-      "int[] iparams, Tensor(a!)? grad, Tensor? grad_scale, float grad_scale_value, bool want_dtemp, "
-      "int lanes) -> (Tensor, Tensor)");
+      "int[] iparams, Tensor(a!)? grad, Tensor? grad_factor, bool want_dtemp, int lanes) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {

@@ -1,67 +1,75 @@
-// sim_engine.cpp — the CUDA engine's code path (StreamView + a simulated block of `lanes` threads,
-// sim_exec.h) on host memory, behind the test-only op kdkernels::_logit_distill_fwd_sim (ops.cpp).
-// It checks on machines without a GPU what only the CUDA kernels run. One row at a time.
+// sim_engine.cpp — the CUDA launch's code path (kd_block_row.h: StreamView + a simulated block of `lanes`
+// threads, sim_exec.h) on host memory, behind the test-only op kdkernels::_logit_distill_fwd_sim (ops.cpp).
+// It checks on machines without a GPU what only the CUDA kernels run: the prologue's count (here a host
+// loop), one block per row (the two-pass plain-KD specialisation where the GPU takes it), then the last
+// block's reduce_rows. One row at a time.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <thread>
+#include <vector>
 
 #include "cpu_engine.h"
-#include "kd_stream_view.h"
+#include "kd_block_row.h"
 #include "sim_exec.h"
 
 namespace kd {
 namespace {
 
 struct HostCvt {
-  template <class A, class T>
-  static A to_acc(T x) { return static_cast<A>(x); }
-  template <class T, class A>
-  static T from_acc(A x) { return static_cast<T>(x); }
+  template <class A, class X>
+  static A to_acc(X x) { return static_cast<A>(x); }
+  template <class X, class A>
+  static X from_acc(A x) { return static_cast<X>(x); }
 };
 
-template <class scalar_t, class A>
+//: `body(ex)` on a simulated block of `lanes` threads
+template <class A, class Body>
+void on_block(int lanes, Body body) {
+  SimBlock<A> block(lanes);
+  auto lane = [&](int id) { body(SimExec<A>{&block, id}, block); };
+  std::vector<std::thread> others;
+  for (int id = 1; id < lanes; ++id) others.emplace_back(lane, id);
+  lane(0);
+  for (auto& th : others) th.join();
+}
+
+template <class S, class Tt, class A>
 void sim_forward_typed(const KdLaunch& L, int lanes) {
-  for (int64_t n = 0; n < L.N; ++n) {
-    SimBlock<A> block(lanes);
-    auto lane = [&](int id) {
-      StreamView<scalar_t, A, HostCvt> v;
-      v.init(static_cast<const scalar_t*>(L.s) + n * L.s_ld, static_cast<const scalar_t*>(L.t) + n * L.t_ld,
-             L.grad ? static_cast<scalar_t*>(L.grad) + n * L.g_ld : nullptr);
-      const SimExec<A> ex{&block, id};
-      RowIO<A> io{};
-      io.C = static_cast<int>(L.C);
-      io.has_labels = L.labels != nullptr;
-      io.label = io.has_labels ? L.labels[n * L.labels_stride] : 0;
-      io.T = L.temperature ? static_cast<const A*>(L.temperature)[n * L.temp_stride]
-                           : static_cast<A>(L.params.temperature);
-      io.want_grad = L.grad != nullptr;
-      io.want_dtemp = L.dtemp != nullptr;
-      io.grad_scale = static_cast<A>(
-          !L.grad_scale ? L.grad_scale_value
-          : L.scale_f64 ? static_cast<const double*>(L.grad_scale)[n * L.scale_stride]
-                        : static_cast<const float*>(L.grad_scale)[n * L.scale_stride]);
-      distill_row(ex, v, block.sh, L.params, io);
-      if (id == 0) {
-        static_cast<A*>(L.loss)[n] = io.loss;
-        if (L.dtemp) static_cast<A*>(L.dtemp)[n] = io.dtemp;
-      }
-    };
-    std::vector<std::thread> others;
-    for (int id = 1; id < lanes; ++id) others.emplace_back(lane, id);
-    lane(0);
-    for (auto& th : others) th.join();
+  unsigned long long count = 0;
+  for (int64_t n = 0; n < L.N; ++n) count += row_counted(L, n) ? 1ull : 0ull;
+  const bool two_pass_kd = use_two_pass_kd<S, Tt>(L);
+  for (int64_t n = 0; n < L.N; ++n)
+    on_block<A>(lanes, [&](const SimExec<A>& ex, SimBlock<A>& block) {
+      if (two_pass_kd) run_block_row_kd<S, Tt, A, HostCvt>(ex, L, n, count);
+      else run_block_row<S, Tt, A, HostCvt>(ex, block.sh, L, n, count);
+    });
+  if (L.params.reduction == kReduceNone) return;
+  const A* rows = static_cast<const A*>(L.row_loss);
+  on_block<A>(lanes, [&](const SimExec<A>& ex, SimBlock<A>&) {
+    reduce_rows<A>(ex, L, count, [&](int64_t n) { return rows[n]; });
+  });
+}
+
+//: the CUDA engine's dtype pairs (cuda/kd_kernels.cu): any of f32/f16/bf16 with any, or f64 with f64
+template <class S>
+void sim_teacher_dispatch(const KdLaunch& L, int lanes) {
+  switch (L.t_dtype) {
+    case KdDtype::f32: return sim_forward_typed<S, float, float>(L, lanes);
+    case KdDtype::f16: return sim_forward_typed<S, c10::Half, float>(L, lanes);
+    case KdDtype::bf16: return sim_forward_typed<S, c10::BFloat16, float>(L, lanes);
+    case KdDtype::f64: break;
   }
 }
 
 }  // namespace
 
 void sim_forward(const KdLaunch& L, int lanes) {
-  switch (L.dtype) {
-    case KdDtype::f32: return sim_forward_typed<float, float>(L, lanes);
-    case KdDtype::f64: return sim_forward_typed<double, double>(L, lanes);
-    case KdDtype::f16: return sim_forward_typed<c10::Half, float>(L, lanes);
-    case KdDtype::bf16: return sim_forward_typed<c10::BFloat16, float>(L, lanes);
+  switch (L.s_dtype) {
+    case KdDtype::f32: return sim_teacher_dispatch<float>(L, lanes);
+    case KdDtype::f16: return sim_teacher_dispatch<c10::Half>(L, lanes);
+    case KdDtype::bf16: return sim_teacher_dispatch<c10::BFloat16>(L, lanes);
+    case KdDtype::f64: return sim_forward_typed<double, double, double>(L, lanes);
   }
 }
 

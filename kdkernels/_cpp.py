@@ -1,11 +1,17 @@
 """The C++ backends: ``cpu_launcher`` (the CPU twin) and ``cuda_launcher`` (the CUDA fallback).
 
-Both implement the launcher contract of :mod:`kdkernels.engine` over two ``torch.library`` ops defined
-in ``csrc/ops.cpp`` (schemas + CPU kernels) and ``csrc/cuda/binding.cpp`` (CUDA kernels):
+Both implement the launcher contract of :mod:`kdkernels.engine` (``contract = 2``) over two
+``torch.library`` ops defined in ``csrc/ops.cpp`` (schemas + CPU kernels) and ``csrc/cuda/binding.cpp``
+(CUDA kernels):
 
-* ``kdkernels::logit_distill_fwd`` — one fused pass of the LogitDistill engine: per-row losses, the
-  learnable-temperature gradient, and ``grad_scale·∂ℓ/∂s`` written into ``grad`` (mutated in place);
+* ``kdkernels::logit_distill_fwd`` — one launch of the LogitDistill engine: the per-row work and the
+  reduction (none → ``[N]`` rows × loss_weight; sum / batchmean → a 0-dim tensor, batchmean's valid-row
+  count taken from the labels inside the op), ``∂loss/∂T_n`` for a learnable temperature, and
+  ``grad_factor·∂loss/∂s`` written into ``grad`` (declared ``Tensor(a!)``, version counter bumped);
 * ``kdkernels::scale_rows_`` — ``grad[n] *= factor[n]``, skipping rows whose factor is exactly 1.0.
+
+The student and the teacher may have different floating dtypes (each is loaded in its own dtype; the
+CUDA engine pairs any of float32/float16/bfloat16, float64 only with float64).
 
 Their fake (meta) kernels are registered here, so the ops trace under ``torch.compile``; the C++ library
 points torch at this module (``set_python_module``) for them.
@@ -16,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from .spec import PackedSpec
+from .spec import INT_FIELDS, REDUCTION_CODES, PackedSpec
 
 try:
     from . import _C  # noqa: F401  (loading it registers the torch.ops.kdkernels.* ops)
@@ -26,6 +32,7 @@ except ImportError as exc:  # a pure-Python install: the C++ backends report why
                      "`pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace`")
 
 _OPS = ("logit_distill_fwd", "scale_rows_")
+_REDUCTION_SLOT = INT_FIELDS.index("reduction")
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -34,21 +41,21 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 if _IMPORT_ERROR is None:
     @torch.library.register_fake("kdkernels::logit_distill_fwd")
-    def _logit_distill_fwd_fake(s, t, labels, temperature, fparams, iparams, grad, grad_scale,
-                                grad_scale_value, want_dtemp):
+    def _logit_distill_fwd_fake(s, t, labels, temperature, fparams, iparams, grad, grad_factor, want_dtemp):
         N = s.shape[0]
         acc = _acc_dtype(s.dtype)
-        return s.new_empty((N,), dtype=acc), s.new_empty((N if want_dtemp else 0,), dtype=acc)
+        per_row = iparams[_REDUCTION_SLOT] == REDUCTION_CODES["none"]
+        return (s.new_empty((N,) if per_row else (), dtype=acc),
+                s.new_empty((N if want_dtemp else 0,), dtype=acc))
 
     @torch.library.register_fake("kdkernels::scale_rows_")
     def _scale_rows_fake(grad, factor):
         return None
 
     @torch.library.register_fake("kdkernels::_logit_distill_fwd_sim")
-    def _logit_distill_fwd_sim_fake(s, t, labels, temperature, fparams, iparams, grad, grad_scale,
-                                    grad_scale_value, want_dtemp, lanes):
-        return _logit_distill_fwd_fake(s, t, labels, temperature, fparams, iparams, grad, grad_scale,
-                                       grad_scale_value, want_dtemp)
+    def _logit_distill_fwd_sim_fake(s, t, labels, temperature, fparams, iparams, grad, grad_factor, want_dtemp,
+                                    lanes):
+        return _logit_distill_fwd_fake(s, t, labels, temperature, fparams, iparams, grad, grad_factor, want_dtemp)
 
 
 _kernels: dict = {}
@@ -63,7 +70,10 @@ def _has_kernel(dispatch_key: str) -> bool:
 
 
 class CppLauncher:
-    """Launcher contract (see :mod:`kdkernels.engine`) over the ``torch.ops.kdkernels`` ops."""
+    """Launcher contract 2 (see :mod:`kdkernels.engine`) over the ``torch.ops.kdkernels`` ops."""
+
+    #: the launcher contract this object implements (BRIEF / issue 9: reduction inside the launch)
+    contract = 2
 
     def __init__(self, device_type: str):
         self.device_type = device_type
@@ -84,39 +94,36 @@ class CppLauncher:
             return "kdkernels._C has no CPU kernels registered"
         return None
 
-    def forward(self, s, t, labels, temperature, spec: PackedSpec, grad, grad_scale):
-        rows, dtemp = torch.ops.kdkernels.logit_distill_fwd(*_op_args(s, t, labels, temperature, spec, grad,
-                                                                       grad_scale))
-        return rows, (dtemp if spec.learnable_temperature else None)
+    def forward(self, s, t, labels, temperature, spec: PackedSpec, grad=None, grad_factor=None):
+        """``(loss, dtemp)``: loss ``[N]`` (reduction none) or 0-dim; dtemp ``[N]`` or None."""
+        loss, dtemp = torch.ops.kdkernels.logit_distill_fwd(*_op_args(s, t, labels, temperature, spec, grad,
+                                                                       grad_factor))
+        return loss, (dtemp if spec.learnable_temperature else None)
 
     def scale_(self, grad, factor):
         torch.ops.kdkernels.scale_rows_(grad, factor)
         return grad
 
 
-def _op_args(s, t, labels, temperature, spec, grad, grad_scale):
+def _op_args(s, t, labels, temperature, spec, grad, grad_factor):
     """The op's arguments for the launcher contract's (``spec``: a PackedSpec or a LogitDistill)."""
     floats, ints = spec.pack()
-    if isinstance(grad_scale, torch.Tensor):
-        scale_t, scale_v = grad_scale, 1.0
-    else:
-        scale_t, scale_v = None, float(grad_scale)
-    return s, t, labels, temperature, floats, ints, grad, scale_t, scale_v, spec.learnable_temperature
+    return s, t, labels, temperature, floats, ints, grad, grad_factor, spec.learnable_temperature
 
 
 class SimulatedCudaLauncher(CppLauncher):
-    """Test-only launcher: the CUDA engine's code path (re-read rows, recomputed gradient, multi-lane
-    reductions and top-k merges) on CPU tensors, each row run by ``lanes`` host threads standing in for
-    a CUDA block. Slow; it lets CI check the CUDA kernels' logic without a GPU."""
+    """Test-only launcher: the CUDA launch's code path (count, re-read rows, recomputed gradient, multi-lane
+    reductions and top-k merges, the last block's reduction) on CPU tensors, each block run by ``lanes``
+    host threads. Slow; it lets CI check the CUDA kernels' logic without a GPU."""
 
     def __init__(self, lanes: int = 4):
         super().__init__("cpu")
         self.lanes = lanes
 
-    def forward(self, s, t, labels, temperature, spec: PackedSpec, grad, grad_scale):
-        rows, dtemp = torch.ops.kdkernels._logit_distill_fwd_sim(
-            *_op_args(s, t, labels, temperature, spec, grad, grad_scale), self.lanes)
-        return rows, (dtemp if spec.learnable_temperature else None)
+    def forward(self, s, t, labels, temperature, spec: PackedSpec, grad=None, grad_factor=None):
+        loss, dtemp = torch.ops.kdkernels._logit_distill_fwd_sim(
+            *_op_args(s, t, labels, temperature, spec, grad, grad_factor), self.lanes)
+        return loss, (dtemp if spec.learnable_temperature else None)
 
 
 cpu_launcher = CppLauncher("cpu")

@@ -57,8 +57,8 @@ def logit_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     name = resolve(backend, s.device)
 
     if name == "reference" or N == 0:
-        loss = reference_loss(s2d, t2d, labels, spec, temperature,
-                              teacher_grad=t.requires_grad and torch.is_grad_enabled())
+        loss = reference.logit_distill(s2d, t2d, labels, spec, temperature,
+                                       teacher_grad=t.requires_grad and torch.is_grad_enabled())
     else:
         if s2d.stride(-1) != 1:
             s2d = s2d.contiguous()
@@ -86,28 +86,13 @@ def packed(spec: LogitDistill):
     return cached
 
 
-def reference_loss(s2d, t2d, labels, spec: LogitDistill, temperature, *, teacher_grad: bool = False):
-    """The reduced, weighted loss of the plain-autograd reference (the ground truth)."""
-    rows = reference.logit_distill_rows(s2d, t2d, labels, spec, temperature, teacher_grad=teacher_grad)
-    rows = rows * spec.loss_weight
-    if spec.reduction == "none":
-        return rows
-    total = rows.sum()
-    if spec.reduction == "sum":
-        return total
-    count = rows.shape[0] if labels is None else (labels != spec.ignore_index).sum()
-    if isinstance(count, int):
-        return total / max(count, 1)
-    return total / count.clamp(min=1).to(total.dtype)
-
-
 def _teacher_gradient_term(s2d, t2d, labels, spec: LogitDistill, temperature) -> torch.Tensor:
     """Zero in value; its gradient w.r.t. the teacher logits is the loss's (reference formulas, the student
     and temperature held constant). Used only when the teacher requires grad (mutual distillation)."""
     if isinstance(spec.temperature, torch.Tensor):
         spec = spec.replace(temperature=spec.temperature.detach())
         temperature = temperature.detach()
-    ref = reference_loss(s2d.detach(), t2d, labels, spec, temperature, teacher_grad=True)
+    ref = reference.logit_distill(s2d.detach(), t2d, labels, spec, temperature, teacher_grad=True)
     return ref - ref.detach()
 
 

@@ -9,6 +9,20 @@ Masked classes: a ``-inf`` logit marks a class that does not exist in that row. 
 through ``0·log 0 = 0``; standardisation statistics and TopKScale means are taken over the finite entries
 (``-inf`` stays ``-inf``); TDL drops masked classes from its dot products and picks its groups among
 finite entries first.
+
+Row semantics (README "Numeric semantics", shared by every backend):
+
+* ignored rows (label == ignore_index): loss 0 and gradient exactly 0 whatever they hold (NaN/inf padding
+  included) — their inputs are replaced by zeros before any arithmetic, so no NaN can leak backwards;
+* a NaN or ``+inf`` in the student or teacher of a non-ignored row, or a bad label: loss NaN and the
+  whole gradient row NaN (also ∂/∂T);
+* a fully masked row (the student or the teacher has no finite logit): loss 0, gradient 0, still counted;
+* scaled logits are shifted by their (detached, finite) row maximum, ``(x − max)/T``: every use of them is
+  shift invariant (log-softmax, logsumexp, differences), so this is the same formula, exact where ``x/T``
+  itself would overflow;
+* KL values are clamped at 0 where rounding makes them negative (value only: the gradient is the KL's);
+* DTKD uses ``T_s = T_t = τ`` where ``x ≤ 0`` or ``v ≤ 0`` (extends the published ``x + v ≤ 0`` guard);
+* standardisation of a constant row (max = min over the finite entries) has σ = 0 exactly and Z = 0.
 """
 from __future__ import annotations
 
@@ -42,11 +56,25 @@ def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return torch.where(live, p * diff, torch.zeros_like(p)).sum(-1)
 
 
+def clamp_kl(kl: torch.Tensor) -> torch.Tensor:
+    """A KL value clamped at 0 where rounding made it negative; the gradient stays the KL's."""
+    return kl + (kl.clamp(min=0) - kl).detach()
+
+
+def row_shift(x: torch.Tensor) -> torch.Tensor:
+    """The detached row maximum of ``x`` [N, C] as [N, 1], 0 where it is not finite."""
+    m = x.detach().amax(-1, keepdim=True)
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
 def scaled(x: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
-    """x / T with masked (−inf) entries kept at −inf and out of the autograd graph: their derivative
-    w.r.t. a learnable or dynamic temperature (−x/T²) would be inf·0 = NaN otherwise."""
+    """(x − max_row x)/T with masked (−inf) entries kept at −inf and out of the autograd graph (their
+    derivative w.r.t. a learnable or dynamic temperature would be inf·0 = NaN otherwise). The shift by
+    the detached row maximum leaves every use (log-softmax, logsumexp, differences) unchanged and keeps
+    finite logits finite where x/T would overflow."""
     live = x != -math.inf
-    return torch.where(live, torch.where(live, x, torch.zeros_like(x)) / T, torch.full_like(x, -math.inf))
+    shifted = torch.where(live, x - row_shift(x), torch.zeros_like(x))
+    return torch.where(live, shifted / T, torch.full_like(x, -math.inf))
 
 
 def _log_softmax_masked(z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -57,13 +85,19 @@ def _log_softmax_masked(z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 def standardize(z: torch.Tensor) -> torch.Tensor:
     """Z(z) = (z − mean)/(std + 1e-7) over the finite entries of each row (unbiased std).
 
-    A constant row has σ = 0; its std is defined through a safe square root so the gradient's second
-    term is 0 there (losses.md §3) instead of autograd's NaN.
+    A constant row (max = min over the finite entries) has σ = 0 exactly and Z = 0 (its mean is taken as
+    the constant itself, not a rounded sum); its std is defined through a safe square root so the
+    gradient's second term is 0 there (losses.md §3) instead of autograd's NaN.
     """
     live = z != -math.inf
     n = live.sum(-1, keepdim=True).to(z.dtype)
     zero = torch.zeros_like(z)
     mean = torch.where(live, z, zero).sum(-1, keepdim=True) / n.clamp(min=1)
+    # a constant row: the mean's value becomes exactly that constant (its gradient stays the mean's)
+    z_max = torch.where(live, z, torch.full_like(z, -math.inf)).detach().amax(-1, keepdim=True)
+    z_min = torch.where(live, z, torch.full_like(z, math.inf)).detach().amin(-1, keepdim=True)
+    constant = (n > 0) & (z_max == z_min)
+    mean = torch.where(constant, mean + (torch.where(constant, z_max, mean) - mean).detach(), mean)
     dev = torch.where(live, z - mean, zero)
     var = (dev * dev).sum(-1, keepdim=True) / (n - 1).clamp(min=1)
     pos = var > 0
@@ -150,15 +184,17 @@ def ldrld_rows(s, t, T, rel: RankRelation):
     set_term = kl_rows(torch.log_softmax(t_top, -1), torch.log_softmax(s_top, -1))
     local = T2 * (pairs + set_term) / (k * (k - 1) / 2 + 1)
     rest = torch.ones_like(zs, dtype=torch.bool).scatter(1, idx, False)
-    l_rest = T2 * kl_rows(_log_softmax_masked(zt, rest), _log_softmax_masked(zs, rest))
+    l_rest = T2 * clamp_kl(kl_rows(_log_softmax_masked(zt, rest), _log_softmax_masked(zs, rest)))
     return local, l_rest
 
 
 def dynamic_temperatures(s, t, tau):
-    """DTKD's (T_s, T_t) per row [N, 1] from the row maxima, with the x + v ≤ 0 fallback to τ."""
+    """DTKD's (T_s, T_t) per row [N, 1] from the row maxima x (teacher) and v (student). Rows with
+    x ≤ 0 or v ≤ 0 (which includes the published guard x + v ≤ 0) use T_s = T_t = τ (documented
+    deviation: both temperatures stay positive, so every row is finite)."""
     x = t.detach().max(-1, keepdim=True).values
     v = s.max(-1, keepdim=True).values  # gradient flows to the first maximal column
-    ok = (x + v) > 0
+    ok = (x > 0) & (v > 0)
     den = torch.where(ok, x + v, torch.ones_like(x))
     tau = tau.expand_as(x)
     return torch.where(ok, 2 * v * tau / den, tau), torch.where(ok, 2 * x * tau / den, tau)
@@ -173,8 +209,8 @@ def decoupled_rows(zs, zt, y):
     y1 = y.unsqueeze(-1)
     log_b_s = torch.stack([zs.gather(1, y1).squeeze(-1) - lse_s, lse_s_nt - lse_s], -1)
     log_b_t = torch.stack([zt.gather(1, y1).squeeze(-1) - lse_t, lse_t_nt - lse_t], -1)
-    tckd = kl_rows(log_b_t, log_b_s)
-    nckd = kl_rows(_log_softmax_masked(zt, ~gt), _log_softmax_masked(zs, ~gt))
+    tckd = clamp_kl(kl_rows(log_b_t, log_b_s))
+    nckd = clamp_kl(kl_rows(_log_softmax_masked(zt, ~gt), _log_softmax_masked(zs, ~gt)))
     return tckd, nckd, log_b_t[:, 0] - log_b_s[:, 0]
 
 
@@ -192,10 +228,25 @@ def label_masks(labels: Optional[torch.Tensor], N: int, C: int, ignore_index: in
     return valid, valid & ~in_range, torch.where(in_range, labels, torch.zeros_like(labels))
 
 
+def row_classes(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, bad: torch.Tensor):
+    """(live, nan_rows): rows computed by the formulas, and rows whose loss and gradient are NaN (a bad
+    label, or a NaN / +inf in the student or teacher). The rest (ignored or fully masked) are 0."""
+    def poisoned(x):
+        return (torch.isnan(x) | (x == math.inf)).any(-1)
+
+    def fully_masked(x):
+        return (x == -math.inf).all(-1)
+
+    nan_rows = valid & (bad | poisoned(s) | poisoned(t))
+    live = valid & ~nan_rows & ~fully_masked(s) & ~fully_masked(t)
+    return live, nan_rows
+
+
 def logit_distill_rows(s: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor],
                        spec: LogitDistill, temperature: Optional[torch.Tensor] = None, *,
                        teacher_grad: bool = False) -> torch.Tensor:
-    """Per-row losses ``[N]`` of ``spec`` on logits ``[N, C]`` (ignored rows 0, bad-label rows NaN).
+    """Per-row losses ``[N]`` of ``spec`` on logits ``[N, C]`` (without ``spec.loss_weight``; ignored and
+    fully masked rows 0, bad-label and non-finite rows NaN — see the module docstring).
 
     ``temperature``: optional per-row tensor ``[N]`` that overrides ``spec.temperature`` (it keeps its
     autograd history, so a learnable temperature gets its gradient from autograd). ``teacher_grad``: keep
@@ -203,13 +254,18 @@ def logit_distill_rows(s: torch.Tensor, t: torch.Tensor, labels: Optional[torch.
     """
     N, C = s.shape
     acc = acc_dtype(s.dtype)
-    s_raw = s.to(acc)
-    s, t = s_raw, (t if teacher_grad else t.detach()).to(acc)
+    s_in = s.to(acc)
+    t_in = (t if teacher_grad else t.detach()).to(acc)
     valid, bad, y = label_masks(labels, N, C, spec.ignore_index, s.device)
+    live, nan_rows = row_classes(s_in, t_in, valid, bad)
     if temperature is None:
         temperature = torch.full((N,), float(spec.temperature), dtype=acc, device=s.device)
     T = temperature.to(acc).reshape(N, 1)
     T2 = (T * T).squeeze(-1)
+    # rows that are not computed are zeros from here on: nothing they hold reaches the arithmetic
+    keep = live.unsqueeze(-1)
+    s_raw = torch.where(keep, s_in, torch.zeros_like(s_in))
+    s, t = s_raw, torch.where(keep, t_in, torch.zeros_like(t_in))
 
     if spec.standardize:
         s, t = standardize(s), standardize(t)
@@ -219,7 +275,7 @@ def logit_distill_rows(s: torch.Tensor, t: torch.Tensor, labels: Optional[torch.
     zs, zt = scaled(s, T), scaled(t, T)
     rows = torch.zeros(N, dtype=acc, device=s.device)
     if spec.kd_weight != 0:
-        rows = rows + spec.kd_weight * T2 * kl_rows(torch.log_softmax(zt, -1), torch.log_softmax(zs, -1))
+        rows = rows + spec.kd_weight * T2 * clamp_kl(kl_rows(torch.log_softmax(zt, -1), torch.log_softmax(zs, -1)))
     if spec.ce_weight != 0:
         ce = s_raw.logsumexp(-1) - s_raw.gather(1, y.unsqueeze(-1)).squeeze(-1)
         rows = rows + spec.ce_weight * ce
@@ -227,12 +283,14 @@ def logit_distill_rows(s: torch.Tensor, t: torch.Tensor, labels: Optional[torch.
         dec = spec.decoupled
         tckd, nckd, log_ratio = decoupled_rows(zs, zt, y)
         alpha = dec.alpha
-        if dec.adaptive:  # AEKT: w = min(p_y/q_y, w_max), a constant of the gradient
-            alpha = dec.alpha * log_ratio.detach().exp().clamp(max=dec.max_weight)
+        if dec.adaptive:  # AEKT: w = min(p_y/q_y, w_max), a constant of the gradient (0 where p_y = 0)
+            ratio = log_ratio.detach().exp()
+            p_y = (zt.gather(1, y.unsqueeze(-1)).squeeze(-1) - zt.logsumexp(-1)).detach().exp()
+            alpha = dec.alpha * torch.where(p_y > 0, ratio, torch.zeros_like(ratio)).clamp(max=dec.max_weight)
         rows = rows + T2 * (alpha * tckd + dec.beta * nckd)
     if spec.dtkd_weight != 0:
         T_s, T_t = dynamic_temperatures(s, t, T)
-        kl = kl_rows(torch.log_softmax(scaled(t, T_t), -1), torch.log_softmax(scaled(s, T_s), -1))
+        kl = clamp_kl(kl_rows(torch.log_softmax(scaled(t, T_t), -1), torch.log_softmax(scaled(s, T_s), -1)))
         rows = rows + spec.dtkd_weight * (T_t * T_s).squeeze(-1) * kl
     if spec.relation is not None:
         local, rest = ldrld_rows(s, t, T, spec.relation)
@@ -240,9 +298,28 @@ def logit_distill_rows(s: torch.Tensor, t: torch.Tensor, labels: Optional[torch.
     if spec.tdl is not None:
         rows = rows + spec.tdl.weight * tdl_rows(s, t, spec.tdl)
 
-    rows = torch.where(valid, rows, torch.zeros_like(rows))
-    # bad-label rows: NaN loss and NaN gradient, without touching the other rows' gradients
-    return rows * torch.where(bad, math.nan, 1.0).to(rows.dtype)
+    rows = torch.where(live, rows, torch.zeros_like(rows))
+    # NaN rows: NaN loss and a NaN gradient on every column (and T), without touching the other rows:
+    # their factor is exactly 0 and their probe input a constant 0
+    nan_factor = torch.where(nan_rows, math.nan, 0.0).to(acc)
+    probe = torch.where(nan_rows.unsqueeze(-1), s_in, torch.zeros_like(s_in)).sum(-1) + T.squeeze(-1)
+    return rows + nan_factor * probe
+
+
+def logit_distill(s: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor], spec: LogitDistill,
+                  temperature: Optional[torch.Tensor] = None, *, teacher_grad: bool = False) -> torch.Tensor:
+    """The loss of the launcher contract: ``loss_weight · ℓ_n`` per row (reduction none), their sum, or
+    their sum over ``max(count, 1)`` with ``count`` the rows whose label is not ``ignore_index`` (counted
+    on the device: no host sync)."""
+    rows = spec.loss_weight * logit_distill_rows(s, t, labels, spec, temperature, teacher_grad=teacher_grad)
+    if spec.reduction == "none":
+        return rows
+    total = rows.sum()
+    if spec.reduction == "sum":
+        return total
+    if labels is None:
+        return total / max(s.shape[0], 1)
+    return total / (labels != spec.ignore_index).sum().clamp(min=1).to(total.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

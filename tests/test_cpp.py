@@ -3,10 +3,12 @@ by the block simulator, the torch.library ops, the parameter-layout mirror and t
 
 * parity: every preset × {fp32, fp64, bf16} × C ∈ {3, 10, 100, 1000} with an ignored row, a bad-label row
   (NaN loss and gradient), masked (−inf) classes, against ``kdkernels.reference`` in float64;
-* the same matrix through ``SimulatedCudaLauncher`` (kd_row.h with the CUDA StreamView and a simulated
-  multi-lane block), so the CUDA kernels' logic is tested where no GPU exists;
+* the same matrix through ``SimulatedCudaLauncher`` (the CUDA launch's code: kd_row.h with the CUDA
+  StreamView, or the two-pass plain-KD specialisation kd_row_kd.h, on a simulated multi-lane block, then
+  the last block's reduction), so the CUDA kernels' logic is tested where no GPU exists;
 * float64 gradcheck through ``kdk.logit_distill(..., backend="cpu")`` for every preset, the learnable
-  temperature, N = 1, an all-ignored batch, inplace, opcheck, torch.compile;
+  temperature, N = 1, an all-ignored batch, inplace, opcheck, torch.compile; the ops' version bumps
+  (Tensor(a!)) and mixed student/teacher dtypes;
 * ``nvcc -c`` of the CUDA sources for sm_80 and sm_90 (skipped only where nvcc is absent);
 * GPU-marked: the matrix and gradcheck for ``backend="cuda"``.
 """
@@ -27,7 +29,6 @@ import torch
 import kdkernels as kdk
 from kdkernels import spec as spec_mod
 from kdkernels.dispatch import unavailable_reason
-from kdkernels.engine import as_contract2, fused_logit_distill
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_REASON = unavailable_reason("cpu", torch.device("cpu"))
@@ -109,14 +110,16 @@ def make_inputs(gen, N, C, dtype, *, ignore=True, bad=True, masked=True):
 
 
 def run(s, t, y, spec, backend=None, launcher=None):
-    """(per-row losses, gradient) on a fresh leaf copy of s, through the public API or a given launcher."""
+    """(per-row losses, gradient) on a fresh leaf copy of s, through the public API, or a launcher's
+    contract-2 forward (reduction none, the gradient written into a fresh buffer)."""
     spec = spec.replace(reduction="none")
-    x = s.detach().clone().requires_grad_(True)
-    if launcher is None:
-        loss = kdk.logit_distill(x, t, y, spec, backend=backend)
-    else:
+    if launcher is not None:
         T = spec.temperature.to(s.device) if isinstance(spec.temperature, torch.Tensor) else None
-        loss = fused_logit_distill(x, t, y, T, spec.packed(), as_contract2(launcher))
+        grad = torch.empty_like(s)
+        loss, _ = launcher.forward(s, t, y, None if T is None else T.detach(), spec.packed(), grad, None)
+        return loss, grad
+    x = s.detach().clone().requires_grad_(True)
+    loss = kdk.logit_distill(x, t, y, spec, backend=backend)
     grad, = torch.autograd.grad(loss.sum(), x)
     return loss.detach(), grad
 
@@ -278,11 +281,54 @@ def test_ops_reject_bad_parameter_blocks():
     s = torch.randn(3, 5)
     floats, ints = kdk.LogitDistill(relation=kdk.RankRelation(k=4)).pack()
     with pytest.raises(RuntimeError, match="parameter block"):
-        torch.ops.kdkernels.logit_distill_fwd(s, s, None, None, floats[:-1], ints, None, None, 1.0, False)
+        torch.ops.kdkernels.logit_distill_fwd(s, s, None, None, floats[:-1], ints, None, None, False)
     bad = list(ints)
     bad[spec_mod.INT_FIELDS.index("rel_k")] = 9  # > C - 1
     with pytest.raises(RuntimeError, match="ldrld k"):
-        torch.ops.kdkernels.logit_distill_fwd(s, s, None, None, floats, bad, None, None, 1.0, False)
+        torch.ops.kdkernels.logit_distill_fwd(s, s, None, None, floats, bad, None, None, False)
+    bad = list(ints)
+    bad[spec_mod.INT_FIELDS.index("reduction")] = 3
+    with pytest.raises(RuntimeError, match="reduction code"):
+        torch.ops.kdkernels.logit_distill_fwd(s, s, None, None, floats, bad, None, None, False)
+
+
+@needs_cpp
+def test_op_writes_bump_the_version_counter(gen):
+    """Tensor(a!) semantics: the fused op and scale_rows_ bump the version of the tensor they write, so
+    an op that saved it (here (s·s).sum() on the same logits) raises in backward instead of reading the
+    gradient as logits (issue 9, defect 2)."""
+    from kdkernels._cpp import cpu_launcher
+    x = torch.randn(3, 12, generator=gen, requires_grad=True)
+    t = torch.randn(3, 12, generator=gen)
+    s = x * 1.0
+    other = (s * s).sum()
+    with torch.no_grad():
+        cpu_launcher.forward(s, t, None, None, kdk.LogitDistill().packed(), s, None)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        other.backward()
+    s = x * 1.0
+    other = (s * s).sum()
+    v = s._version
+    with torch.no_grad():
+        cpu_launcher.scale_(s, torch.full((3,), 2.0))
+    assert s._version > v
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        other.backward()
+
+
+@needs_cpp
+def test_mixed_dtypes_cpu_any_pair_simulator_refuses_float64_mix(gen):
+    """The CPU twin loads s and t in their own dtypes (float64 student + float32 teacher: float64 math on
+    the teacher's values); the CUDA engine (simulated) pairs float64 only with float64, with a clear error."""
+    from kdkernels._cpp import cpu_launcher
+    s = torch.randn(3, 9, generator=gen, dtype=torch.float64)
+    t = torch.randn(3, 9, generator=gen).float()
+    spec = kdk.LogitDistill(reduction="none").packed()
+    got = cpu_launcher.forward(s, t, None, None, spec, None, None)[0]
+    ref = cpu_launcher.forward(s, t.double(), None, None, spec, None, None)[0]
+    assert got.dtype == torch.float64 and torch.equal(got, ref)
+    with pytest.raises(RuntimeError, match="float64 logits only with float64 on both sides"):
+        _sim(2).forward(s, t, None, None, spec, None, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,13 +361,46 @@ def test_cuda_path_simulated_warp_sized_block(name, gen):
 
 
 @needs_cpp
-@pytest.mark.parametrize("name", ["kd_std", "dtkd", "ldrld", "topkd", "dkd_std_tsm_ce", "aekt"])
-def test_cuda_path_simulated_gradcheck(name, gen):
-    spec = gradcheck_spec(presets(7)[name]).packed()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("C", [7, 40, 129])
+def test_cuda_path_simulated_two_pass_kd(C, dtype, gen):
+    """Plain-KD specs take the two-pass, vector-load specialisation (kd_row_kd.h) on rows aligned for
+    16-byte chunks and the general engine otherwise (a view starting one column in): both match the
+    reference, vector tails (C not a multiple of the chunk) and masked, ignored, bad rows included."""
+    N, width = 5, (C + 1 + 7) // 8 * 8  # row stride: a multiple of every chunk width
+    s, t, y = make_inputs(gen, N, width, dtype)
+    y = torch.where((y >= 0) & (y < C), y, y.clamp(max=C + 5))
+    for name in ("kd", "kd_ce", "kd_row_T"):
+        spec = fit(presets(C)[name], N, torch.float64 if dtype == torch.float64 else torch.float32)
+        T = spec.temperature.detach() if isinstance(spec.temperature, torch.Tensor) else None
+        for what, cols in {"aligned": slice(0, C), "misaligned": slice(1, C + 1)}.items():
+            a, b = s[:, cols], t[:, cols]
+            grad = torch.full((N, width), math.nan, dtype=dtype)[:, cols]
+            loss, _ = _sim(4).forward(a, b, y, T, spec.replace(reduction="none").packed(), grad, None)
+            assert_parity((loss, grad), reference64(a, b, y, spec), y, C, dtype, f"{name} {what}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("name", ["kd", "kd_ce", "kd_std", "dtkd", "ldrld", "topkd", "dkd_std_tsm_ce", "aekt"])
+def test_cuda_path_simulated_gradient_is_the_derivative(name, gen):
+    """The simulated CUDA launch's gradient of the batchmean loss against central differences of its own
+    loss (float64): the gradient, the in-launch count and the last block's reduction agree."""
+    spec = gradcheck_spec(presets(7)[name]).replace(loss_weight=0.75).packed()
     s, t, y = make_inputs(gen, 3, 7, torch.float64, bad=False, masked=False)
-    x = s.clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda z: fused_logit_distill(z, t, y, None, spec, as_contract2(_sim(3))), (x,),
-                                    eps=1e-6, atol=1e-7, rtol=1e-5)
+    y[1] = -100
+    sim = _sim(3)
+    grad = torch.empty_like(s)
+    sim.forward(s, t, y, None, spec, grad, None)
+    eps = 1e-6
+    fd = torch.zeros_like(s)
+    for n in range(3):
+        for c in range(7):
+            hi, lo = s.clone(), s.clone()
+            hi[n, c] += eps
+            lo[n, c] -= eps
+            fd[n, c] = (sim.forward(hi, t, y, None, spec, None, None)[0]
+                        - sim.forward(lo, t, y, None, spec, None, None)[0]) / (2 * eps)
+    assert (grad - fd).abs().max() <= 1e-6 * max(1.0, fd.abs().max().item())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,15 +412,20 @@ def _op_cases():
     s, t = torch.randn(5, 12, generator=g), torch.randn(5, 12, generator=g)
     y = torch.tensor([3, -100, 0, 11, 7])
     specs = [
-        (kdk.LogitDistill(temperature=2.0), None, None, 0.5),
-        (kdk.LogitDistill(kd_weight=0.0, standardize=True, ce_weight=0.3, decoupled=kdk.Decoupled()), y, None,
-         torch.full((5,), 0.25)),
-        (kdk.LogitDistill(temperature=torch.tensor(2.0, requires_grad=True)), y, torch.full((5,), 2.0), 1.0),
-        (kdk.LogitDistill(relation=kdk.RankRelation(k=3), tdl=kdk.TopKDecoupled(k=2), dtkd_weight=1.0), y, None, 1.0),
+        (kdk.LogitDistill(temperature=2.0, reduction="none"), None, None, torch.full((5,), 0.5)),
+        (kdk.LogitDistill(kd_weight=0.0, standardize=True, ce_weight=0.3, decoupled=kdk.Decoupled(),
+                          reduction="none", loss_weight=2.0), y, None, torch.full((5,), 0.25)),
+        (kdk.LogitDistill(temperature=torch.tensor(2.0, requires_grad=True)), y, torch.full((5,), 2.0), None),
+        (kdk.LogitDistill(relation=kdk.RankRelation(k=3), tdl=kdk.TopKDecoupled(k=2), dtkd_weight=1.0), y, None,
+         None),
     ]
-    for spec, labels, T, scale in specs:
-        yield _op_args(s, t, labels, T, spec, torch.empty_like(s), scale)
-    yield _op_args(s, t, y, None, specs[1][0], None, 1.0)  # forward only
+    for spec, labels, T, factor in specs:
+        yield _op_args(s, t, labels, T, spec, torch.empty_like(s), factor)
+    for reduction in ("sum", "batchmean"):
+        yield _op_args(s, t, y, None, specs[1][0].replace(reduction=reduction), torch.empty_like(s),
+                       torch.tensor(0.5).expand(5))
+    yield _op_args(s, t, y, None, specs[1][0], None, None)  # forward only
+    yield _op_args(s.bfloat16(), t, y, None, specs[0][0], torch.empty_like(s.bfloat16()), None)  # mixed dtypes
 
 
 @needs_cpp
@@ -408,7 +492,7 @@ def test_cuda_sources_compile(nvcc_builds, arch):
 def test_cuda_kernels_are_torch_free():
     for path in list((ROOT / "csrc" / "cuda").glob("*.cu*")) + [ROOT / "csrc" / f for f in (
             "kd_row.h", "kd_row_state.h", "kd_terms.h", "kd_split_passes.h", "kd_math.h", "kd_params.h",
-            "kd_launch.h", "kd_stream_view.h")]:
+            "kd_launch.h", "kd_stream_view.h", "kd_block_row.h")]:
         includes = re.findall(r'#include [<"]([^>"]+)[>"]', path.read_text())
         assert not [i for i in includes if i.startswith(("torch", "ATen", "c10"))], path.name
 

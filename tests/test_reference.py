@@ -333,7 +333,7 @@ def dtkd_closed(s, t, tau, alpha, beta):
     x = t.max(-1).values
     v = s.max(-1).values
     m = [min(j for j in range(C) if s[n, j] == v[n]) for n in range(N)]  # first maximal index
-    ok = (x + v) > 0
+    ok = (x > 0) & (v > 0)  # the extended guard (x ≤ 0 or v ≤ 0 → τ; covers the published x + v ≤ 0)
     den = torch.where(ok, x + v, torch.ones_like(x))
     Ts = torch.where(ok, 2 * v * tau / den, torch.full_like(x, tau))
     Tt = torch.where(ok, 2 * x * tau / den, torch.full_like(x, tau))
@@ -375,7 +375,7 @@ def test_dtkd_loss_and_gradient_closed_form(gen, tau, alpha, beta):
     s = spaced(gen, N, C, step=0.5, offset=0.8) * 2
     t = randn(gen, N, C) + 2.5
     s = s.clone()
-    s[1] -= s[1].max() + 1.0  # v = −1 < 0 < x + v: negative student temperature, the code's formula
+    s[1] -= s[1].max() + 1.0  # v = −1 < 0 < x + v: the published code's negative T_s; kdkernels falls back to τ
     t[1] -= t[1].max() - 3.0
     s[2] -= 20.0  # x + v ≤ 0: fallback T_s = T_t = τ
     t[3] -= 20.0
@@ -387,7 +387,8 @@ def test_dtkd_loss_and_gradient_closed_form(gen, tau, alpha, beta):
     assert_close(g, grad / N)
     # DTKD's rows do NOT sum to 0: the row sum is α·∂(T_t·T_s·KL)/∂v (0 on fallback rows)
     assert_close(g.sum(-1), row_sum / N, tol=1e-9)
-    ok = (x + v) > 0
+    ok = (x > 0) & (v > 0)
+    assert not ok[1] and ok.sum() >= 4
     assert (row_sum[ok].abs() > 1e-6).all()
     assert g.sum(-1)[~ok].abs().max() < 1e-13
 

@@ -17,14 +17,19 @@ void check_cuda(int err, const char* what) {
 std::tuple<at::Tensor, at::Tensor> logit_distill_fwd_cuda(
     const at::Tensor& s, const at::Tensor& t, const c10::optional<at::Tensor>& labels,
     const c10::optional<at::Tensor>& temperature, c10::ArrayRef<double> fparams, c10::ArrayRef<int64_t> iparams,
-    const c10::optional<at::Tensor>& grad, const c10::optional<at::Tensor>& grad_scale, double grad_scale_value,
-    bool want_dtemp) {
+    const c10::optional<at::Tensor>& grad, const c10::optional<at::Tensor>& grad_factor, bool want_dtemp) {
   TORCH_CHECK(s.is_cuda(), "kdkernels: the CUDA kernel needs CUDA tensors");
+  check_block_engine_dtypes(s, t);
   const c10::cuda::CUDAGuard guard(s.device());
-  LaunchTensors lt = make_launch(s, t, labels, temperature, fparams, iparams, grad, grad_scale, grad_scale_value,
-                                 want_dtemp);
+  LaunchTensors lt = make_launch(s, t, labels, temperature, fparams, iparams, grad, grad_factor, want_dtemp,
+                                 /*device_scratch=*/true);
   TORCH_CHECK(lt.launch.N <= INT_MAX, "kdkernels: the CUDA engine takes at most 2^31 - 1 rows per launch");
-  if (lt.launch.N > 0) check_cuda(cuda_forward(lt.launch, c10::cuda::getCurrentCUDAStream().stream()), "forward");
+  if (lt.launch.N > 0) {
+    check_cuda(cuda_forward(lt.launch, c10::cuda::getCurrentCUDAStream().stream()), "forward");
+  } else if (lt.launch.params.reduction != kReduceNone) {
+    lt.loss.zero_();
+  }
+  if (grad.has_value()) mark_written(*grad);
   return {lt.loss, lt.dtemp};
 }
 
@@ -36,6 +41,7 @@ void scale_rows_cuda(const at::Tensor& grad, const at::Tensor& factor) {
                              factor.data_ptr(), factor.scalar_type() == at::kDouble, factor.stride(0),
                              c10::cuda::getCurrentCUDAStream().stream()),
              "scale_rows_");
+  mark_written(grad);
 }
 
 }  // namespace

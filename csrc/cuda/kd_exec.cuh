@@ -41,11 +41,19 @@ __device__ __forceinline__ void warp_best(A& v, int& i) {
   }
 }
 
+//: the shared memory of a block that only reduces (the two-pass KD rows): the scratch of RowShared
 template <class A>
+struct BlockScratch {
+  A red[32 * kRedWidth];
+  int red_i[32];
+};
+
+//: Shared: RowShared<A> (the general engine) or BlockScratch<A> (anything with red / red_i)
+template <class A, class Shared = RowShared<A>>
 struct GpuExec {
   //: kd_row.h fuses every term into one pass over the row (each pass re-reads global memory)
   static constexpr bool kSplitTerms = false;
-  RowShared<A>* sh;
+  Shared* sh;
 
   __device__ int lane() const { return threadIdx.x; }
   __device__ int lanes() const { return blockDim.x; }

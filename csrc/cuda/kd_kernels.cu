@@ -1,9 +1,20 @@
-// kd_kernels.cu — the CUDA engine: one block per row running kd_row.h, plus the row-scaling kernel.
-// Torch-free (raw pointers, kd_cuda_api.h), so `nvcc -c` compiles it without a CUDA build of torch.
+// kd_kernels.cu — the CUDA engine: a one-block prologue, one block per row running kd_row.h (with the
+// last block reducing the row losses), and the row-scaling kernel. Torch-free (raw pointers,
+// kd_cuda_api.h), so `nvcc -c` compiles it without a CUDA build of torch.
+//
+// One op = two kernels on the stream, no host sync (the launcher contract, ../kd_launch.h):
+//   prepare_kernel<<<1, 256>>>  counts the rows whose label is not ignore_index (batchmean's divisor, read
+//                               by every row block for its gradient scale) and zeroes the ticket;
+//   forward_kernel<<<N, …>>>    each block runs its row (kd_block_row.h); for sum / batchmean every block
+//                               then takes a ticket (atomicAdd after a __threadfence), and the block that
+//                               draws the last one sums all row losses in a fixed order (deterministic).
+// Reduction none skips the prologue: one kernel. The row kernel is forward_kd_kernel (kd_row_kd.h: two
+// passes, 16-byte loads, no top-k machinery) for plain-KD specs on aligned rows, else forward_kernel.
 //
 // Block size by row length: 32 threads up to C = 64, 128 up to 1024, 256 up to 16384, 512 beyond
 // (the row is streamed in strided column tiles; registers bound the block at 512 for the fp64 path).
-// Accumulation: float for fp32/fp16/bf16 inputs, double for fp64.
+// Accumulation: float unless s is fp64 (then s and t are both fp64). s and t may differ among
+// fp32/fp16/bf16: each is loaded in its own dtype.
 #include <cuda_runtime.h>
 
 #include <type_traits>
@@ -16,6 +27,7 @@ namespace kd {
 namespace {
 
 constexpr int kMaxThreads = 512;
+constexpr int kPrepareThreads = 256;
 
 inline int block_threads(int64_t C) {
   if (C <= 64) return 32;
@@ -24,34 +36,59 @@ inline int block_threads(int64_t C) {
   return kMaxThreads;
 }
 
-__device__ __forceinline__ double row_scale(const KdLaunch& L, int64_t n) {
-  if (L.grad_scale == nullptr) return L.grad_scale_value;
-  return L.scale_f64 ? static_cast<const double*>(L.grad_scale)[n * L.scale_stride]
-                     : static_cast<double>(static_cast<const float*>(L.grad_scale)[n * L.scale_stride]);
+__global__ void prepare_kernel(const KdLaunch L) {
+  __shared__ unsigned long long total;
+  if (threadIdx.x == 0) total = 0ull;
+  __syncthreads();
+  unsigned long long mine = 0ull;
+  for (int64_t n = threadIdx.x; n < L.N; n += blockDim.x) mine += row_counted(L, n) ? 1ull : 0ull;
+  atomicAdd(&total, mine);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    auto* scratch = static_cast<KdScratch*>(L.scratch);
+    scratch->count = total;
+    scratch->ticket = 0u;
+  }
 }
 
-template <class scalar_t, class A>
+//: the tail of a row block for sum / batchmean: take a ticket after this block's row loss is visible
+//: device-wide; the block that draws the last one sums every row loss (reduce_rows, fixed order)
+template <class A, class Exec>
+__device__ __forceinline__ void reduce_if_last(const Exec& ex, const KdLaunch& L, unsigned long long count) {
+  __shared__ bool last_block;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last_block = atomicAdd(&static_cast<KdScratch*>(L.scratch)->ticket, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();
+  const A* rows = static_cast<const A*>(L.row_loss);
+  reduce_rows<A>(ex, L, count, [&](int64_t n) { return __ldcg(rows + n); });
+}
+
+//: batchmean's valid-row count (0 when the launch does not reduce: no prologue ran)
+__device__ __forceinline__ unsigned long long launch_count(const KdLaunch& L) {
+  return L.params.reduction != kReduceNone ? static_cast<const KdScratch*>(L.scratch)->count : 0ull;
+}
+
+//: the general engine: any spec, one block per row (kd_row.h over a StreamView)
+template <class S, class Tt, class A>
 __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KdLaunch L) {
   __shared__ RowShared<A> sh;
-  const int64_t n = blockIdx.x;
-  GlobalView<scalar_t, A> v;
-  v.init(static_cast<const scalar_t*>(L.s) + n * L.s_ld, static_cast<const scalar_t*>(L.t) + n * L.t_ld,
-         L.grad ? static_cast<scalar_t*>(L.grad) + n * L.g_ld : nullptr);
+  const unsigned long long count = launch_count(L);
   const GpuExec<A> ex{&sh};
-  RowIO<A> io;
-  io.C = static_cast<int>(L.C);
-  io.has_labels = L.labels != nullptr;
-  io.label = io.has_labels ? L.labels[n * L.labels_stride] : 0;
-  io.T = L.temperature ? static_cast<const A*>(L.temperature)[n * L.temp_stride] : static_cast<A>(L.params.temperature);
-  io.want_grad = L.grad != nullptr;
-  io.want_dtemp = L.dtemp != nullptr;
-  io.grad_scale = static_cast<A>(row_scale(L, n));
-  io.loss = io.dtemp = A(0);
-  distill_row(ex, v, sh, L.params, io);
-  if (threadIdx.x == 0) {
-    static_cast<A*>(L.loss)[n] = io.loss;
-    if (L.dtemp) static_cast<A*>(L.dtemp)[n] = io.dtemp;
-  }
+  run_block_row<S, Tt, A, CudaCvt>(ex, sh, L, blockIdx.x, count);
+  if (L.params.reduction != kReduceNone) reduce_if_last<A>(ex, L, count);
+}
+
+//: plain KD (+ CE, learnable T) in two passes with 16-byte vector loads (kd_row_kd.h)
+template <class S, class Tt, class A>
+__global__ void __launch_bounds__(kMaxThreads) forward_kd_kernel(const KdLaunch L) {
+  __shared__ BlockScratch<A> sh;
+  const unsigned long long count = launch_count(L);
+  const GpuExec<A, BlockScratch<A>> ex{&sh};
+  run_block_row_kd<S, Tt, A, CudaCvt>(ex, L, blockIdx.x, count);
+  if (L.params.reduction != kReduceNone) reduce_if_last<A>(ex, L, count);
 }
 
 template <class scalar_t, class A, class factor_t>
@@ -65,10 +102,24 @@ __global__ void scale_kernel(scalar_t* grad, int64_t C, int64_t ld, const factor
     row[c] = CudaCvt::from_acc<scalar_t>(CudaCvt::to_acc<A>(row[c]) * fa);
 }
 
-template <class scalar_t, class A>
+template <class S, class Tt, class A>
 int launch_forward(const KdLaunch& L, cudaStream_t stream) {
-  forward_kernel<scalar_t, A><<<static_cast<unsigned>(L.N), block_threads(L.C), 0, stream>>>(L);
+  if (L.params.reduction != kReduceNone) prepare_kernel<<<1, kPrepareThreads, 0, stream>>>(L);
+  const dim3 grid(static_cast<unsigned>(L.N)), block(block_threads(L.C));
+  if (use_two_pass_kd<S, Tt>(L)) forward_kd_kernel<S, Tt, A><<<grid, block, 0, stream>>>(L);
+  else forward_kernel<S, Tt, A><<<grid, block, 0, stream>>>(L);
   return static_cast<int>(cudaGetLastError());
+}
+
+template <class S>
+int launch_forward_teacher(const KdLaunch& L, cudaStream_t stream) {
+  switch (L.t_dtype) {
+    case KdDtype::f32: return launch_forward<S, float, float>(L, stream);
+    case KdDtype::f16: return launch_forward<S, __half, float>(L, stream);
+    case KdDtype::bf16: return launch_forward<S, __nv_bfloat16, float>(L, stream);
+    case KdDtype::f64: break;  // refused by the binding (check_block_engine_dtypes)
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
 }
 
 template <class scalar_t, class A>
@@ -89,11 +140,13 @@ int launch_scale(void* grad, int64_t N, int64_t C, int64_t ld, const void* facto
 int cuda_forward(const KdLaunch& L, void* stream) {
   if (L.N == 0) return 0;
   auto st = static_cast<cudaStream_t>(stream);
-  switch (L.dtype) {
-    case KdDtype::f32: return launch_forward<float, float>(L, st);
-    case KdDtype::f64: return launch_forward<double, double>(L, st);
-    case KdDtype::f16: return launch_forward<__half, float>(L, st);
-    case KdDtype::bf16: return launch_forward<__nv_bfloat16, float>(L, st);
+  switch (L.s_dtype) {
+    case KdDtype::f32: return launch_forward_teacher<float>(L, st);
+    case KdDtype::f16: return launch_forward_teacher<__half>(L, st);
+    case KdDtype::bf16: return launch_forward_teacher<__nv_bfloat16>(L, st);
+    case KdDtype::f64:
+      if (L.t_dtype == KdDtype::f64) return launch_forward<double, double, double>(L, st);
+      break;
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }

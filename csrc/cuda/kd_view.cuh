@@ -7,7 +7,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "../kd_stream_view.h"
+#include "../kd_block_row.h"
 
 namespace kd {
 
@@ -28,8 +28,5 @@ struct CudaCvt {
     else return static_cast<T>(x);
   }
 };
-
-template <class scalar_t, class A>
-using GlobalView = StreamView<scalar_t, A, CudaCvt>;
 
 }  // namespace kd
