@@ -9,22 +9,20 @@ from parity import presets
 E = pytest.importorskip("kdkernels._triton.engine")
 
 TY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
-FLOAT_ARGS = ("temperature", "gscale", "kd_w", "ce_w", "tckd_w", "nckd_w", "max_w", "dtkd_w", "local_w",
-              "rest_w", "rel_eps", "rel_delta", "rel_lambda", "tdl_w", "tdl_pos", "tdl_neg", "tdl_non",
-              "tsm_scale", "tsm_shift", "tsm_gt")
 
 
-def engine_job(spec, dtype, C, label, *, has_labels=True, temp_is_tensor=False):
+def engine_job(spec, dtype, C, label, *, has_labels=True, temp_is_tensor=False, teacher_dtype=None):
     flags = E.kernel_flags(E.unpack(*spec.pack()), learnable=spec.learnable_temperature,
                            has_labels=has_labels, temp_is_tensor=temp_is_tensor,
-                           gscale_is_tensor=has_labels, write_grad=True, dtype=dtype, C=C,
+                           has_gfactor=has_labels, write_grad=True, dtype=dtype, C=C,
                            vec=E.vector_width(C))
     flags["ACC"] = "tl.float64" if dtype == torch.float64 else "tl.float32"
     ty, acc = TY[dtype], "fp64" if dtype == torch.float64 else "fp32"
-    sig = dict(s_ptr="*" + ty, t_ptr="*" + ty, labels_ptr="*i64", temp_ptr="*fp32", gscale_ptr="*fp32",
-               grad_ptr="*" + ty, loss_ptr="*" + acc, dtemp_ptr="*" + acc, C="i32", stride_s_row="i32",
-               stride_t_row="i32", stride_g_row="i32", stride_temp="i32", stride_gscale="i32",
-               ignore_index="i32", **{name: "fp64" for name in FLOAT_ARGS})
+    sig = dict(s_ptr="*" + ty, t_ptr="*" + TY[teacher_dtype or dtype], labels_ptr="*i64", temp_ptr="*fp32",
+               gfactor_ptr="*" + acc, params_ptr="*" + acc, grad_ptr="*" + ty, row_loss_ptr="*" + acc,
+               loss_ptr="*" + acc, dtemp_ptr="*" + acc, ticket_ptr="*i32", N="i32", C="i32",
+               stride_s_row="i32", stride_t_row="i32", stride_g_row="i32", stride_temp="i32",
+               stride_gfactor="i32", ignore_index="i32")
     return {"kernel": "kdkernels._triton.engine:_logit_distill_kernel", "signature": sig,
             "constexprs": flags, "num_warps": E.block_config(C)[2], "label": label}
 
@@ -38,6 +36,9 @@ def shipped_jobs():
         jobs.append(engine_job(spec, torch.float64, 1000, f"{name} fp64 C=1000"))
     kd = presets(1000)["kd"]
     jobs.append(engine_job(kd, torch.float16, 32_000, "kd fp16 no labels", has_labels=False))
+    jobs.append(engine_job(kd.replace(reduction="sum"), torch.bfloat16, 32_000, "kd bf16 student fp32 teacher sum",
+                           teacher_dtype=torch.float32))
+    jobs.append(engine_job(kd.replace(reduction="none"), torch.float32, 1000, "kd fp32 reduction none"))
     learnable = kd.replace(temperature=torch.ones(1, requires_grad=True))
     jobs.append(engine_job(learnable, torch.float32, 1000, "kd learnable per-row T", temp_is_tensor=True))
     for dtype in TY:

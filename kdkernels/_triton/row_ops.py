@@ -1,7 +1,8 @@
 """Small ``@triton.jit`` building blocks of the row engine (all operate on one row's block of columns).
 
-* online log-sum-exp: ``(m, d)`` with ``LSE = m + log d``, safe for all-``-inf`` blocks;
-* streaming moments (Chan's merge of per-block mean/M2) for standardisation;
+* online log-sum-exp: ``(m, d)`` in the logits' units (``LSE(x/T) = m/T + log d``), merged by
+  :func:`lse_merge`, read back by :func:`log_prob`; safe for all-``-inf`` blocks;
+* streaming moments (Chan's merge of per-block mean/M2, plus min/max) for standardisation;
 * a running top-k list: ``K_PAD`` slots (key, index, two payloads) merged block by block by repeated
   extraction of the best candidate while it beats the list's worst; order is (key desc, index asc), so
   ties go to the lower index. Slots beyond ``K`` are *locked* (key ``+inf``, index ``-1``) and never
@@ -17,36 +18,43 @@ BIG_IDX = tl.constexpr(2147483647)
 
 @triton.jit
 def lse_init(zero):
-    """An empty online-LSE state (m = −inf, d = 0) of ``zero``'s dtype."""
+    """An empty log-sum-exp state ``(m, d)``: ``m`` = −inf, ``d`` = 0, of ``zero``'s dtype."""
     return zero - float("inf"), zero
 
 
 @triton.jit
-def lse_update(m, d, x):
-    """Fold block ``x`` into the online LSE state ``(m, d)``."""
+def lse_update(m, d, x, inv_t):
+    """Fold block ``x`` (logits, −inf = masked) into the state of LSE(x·inv_t).
+
+    The state is kept in the logits' own units: ``m`` = max x, ``d`` = Σ exp((x − m)·inv_t), so
+    LSE = m·inv_t + log d is never formed (it would overflow when x/T does, and round away log d
+    when |x|/T ≳ 1e7). Log-probabilities come from :func:`log_prob`. ``inv_t`` must be positive.
+    A NaN or +inf entry makes ``d`` NaN (the caller turns that into a NaN row)."""
     m_new = tl.maximum(m, tl.max(x, 0))
     base = tl.where(m_new == -float("inf"), 0.0, m_new)
-    d = d * tl.exp(m - base) + tl.sum(tl.exp(x - base), 0)
+    d = d * tl.exp((m - base) * inv_t) + tl.sum(tl.exp((x - base) * inv_t), 0)
     return m_new, d
 
 
 @triton.jit
-def lse_final(m, d):
-    """LSE of the state; ``-inf`` when every entry was ``-inf``."""
-    return tl.where(m == -float("inf"), 0.0, m) + tl.log(d)
-
-
-@triton.jit
-def logaddexp(a, b):
-    """log(exp a + exp b) without leaving log space; −inf when both are −inf."""
-    m = tl.maximum(a, b)
+def lse_merge(m1, d1, m2, d2, inv_t):
+    """The state of the union of two disjoint sets given by their states (same ``inv_t``)."""
+    m = tl.maximum(m1, m2)
     base = tl.where(m == -float("inf"), 0.0, m)
-    return base + tl.log(tl.exp(a - base) + tl.exp(b - base))
+    return m, d1 * tl.exp((m1 - base) * inv_t) + d2 * tl.exp((m2 - base) * inv_t)
 
 
 @triton.jit
-def moments_update(n, mean, m2, x, live):
-    """Merge the live entries of block ``x`` into the running (count, mean, M2)."""
+def log_prob(x, m, log_d, inv_t):
+    """log softmax of ``x·inv_t`` over the set whose state is ``(m, exp(log_d))``: (x − m)·inv_t − log d,
+    with masked entries (−inf) at −inf even when the set is empty."""
+    return tl.where(x == -float("inf"), -float("inf"), (x - m) * inv_t - log_d)
+
+
+@triton.jit
+def moments_update(n, mean, m2, lo, hi, x, live):
+    """Merge the live entries of block ``x`` into the running (count, mean, M2, min, max); the
+    extremes let the caller give a constant row σ = 0 exactly (M2 carries rounding noise)."""
     nb = tl.sum(live.to(x.dtype), 0)
     mean_b = tl.sum(tl.where(live, x, 0.0), 0) / tl.maximum(nb, 1.0)
     dev = tl.where(live, x - mean_b, 0.0)
@@ -55,7 +63,9 @@ def moments_update(n, mean, m2, x, live):
     delta = mean_b - mean
     mean = mean + delta * nb / tl.maximum(n_new, 1.0)
     m2 = m2 + m2_b + delta * delta * n * nb / tl.maximum(n_new, 1.0)
-    return n_new, mean, m2
+    lo = tl.minimum(lo, tl.min(tl.where(live, x, float("inf")), 0))
+    hi = tl.maximum(hi, tl.max(tl.where(live, x, -float("inf")), 0))
+    return n_new, mean, m2, lo, hi
 
 
 @triton.jit
