@@ -215,39 +215,3 @@ def fused_logit_distill(s: torch.Tensor, t: torch.Tensor, labels: Optional[torch
     loss, _, _ = function.apply(s, t, labels, temperature, spec, launcher, want_grad, _repeatable)
     return loss
 
-
-class LegacyLauncher:
-    """TEMPORARY adapter: a launcher of the first contract (per-row losses, host-side reduction) seen
-    through the one-launch contract. Removed once every backend implements ``contract = 2``."""
-
-    contract = 2
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def forward(self, s, t, labels, temperature, spec, grad, grad_factor):
-        acc = _acc_dtype(s.dtype)
-        N = s.shape[0]
-        floats, ints = spec.pack()
-        from .spec import FLOAT_FIELDS
-        weight = floats[FLOAT_FIELDS.index("loss_weight")]
-        count = N if labels is None else (labels != spec.ignore_index).sum()
-        scale = torch.full((N,), weight, dtype=acc, device=s.device)
-        if spec.reduction == "batchmean":
-            scale = scale / (count.clamp(min=1).to(acc) if isinstance(count, torch.Tensor) else max(count, 1))
-        gscale = scale if grad_factor is None else scale * grad_factor
-        rows, dtemp = self.inner.forward(s, t, labels, temperature, spec, grad, gscale)
-        if grad is s and not torch.compiler.is_compiling():
-            torch.autograd.graph.increment_version(s)
-        if spec.reduction == "none":
-            loss = rows * weight
-        else:
-            loss = (rows * scale).sum()
-        return loss, (dtemp * scale if dtemp is not None else None)
-
-    def scale_(self, grad, factor):
-        return self.inner.scale_(grad, factor)
-
-
-def as_contract2(launcher):
-    return launcher if getattr(launcher, "contract", 1) == 2 else LegacyLauncher(launcher)

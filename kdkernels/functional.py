@@ -15,7 +15,7 @@ import torch
 from . import reference
 from .contrastive import info_nce
 from .dispatch import load_launcher, resolve
-from .engine import as_contract2, fused_logit_distill
+from .engine import fused_logit_distill
 from .spec import Decoupled, LogitDistill, RankRelation, TopKDecoupled, TopKScale
 from .validation import check_logits, check_mode, check_values, flatten_labels, flatten_temperature
 
@@ -64,7 +64,7 @@ def logit_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
             s2d = s2d.contiguous()
         if t2d.stride(-1) != 1:
             t2d = t2d.contiguous()
-        launcher = as_contract2(load_launcher("logit", name)[0])
+        launcher, _ = load_launcher("logit", name)
         loss = fused_logit_distill(s2d, t2d.detach(), labels, temperature, packed(spec), launcher)
         if t.requires_grad and torch.is_grad_enabled():
             loss = loss + _teacher_gradient_term(s2d, t2d, labels, spec, temperature)

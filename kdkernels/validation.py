@@ -33,9 +33,6 @@ def check_logits(s, t, s_name="student_logits", t_name="teacher_logits") -> None
         raise ValueError(f"{s_name} and {t_name} must have the same shape, got {tuple(s.shape)} and {tuple(t.shape)}")
     if s.device != t.device:
         raise ValueError(f"{s_name} and {t_name} must be on the same device, got {s.device} and {t.device}")
-    if s.dtype != t.dtype:
-        raise TypeError(f"{s_name} and {t_name} must have the same dtype, got {s.dtype} and {t.dtype} "
-                        f"(cast the teacher with .to({s.dtype}))")
 
 
 def flatten_labels(labels, lead_shape, device) -> Optional[torch.Tensor]:
