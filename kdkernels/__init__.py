@@ -18,3 +18,11 @@ __all__ = [
     "TopKDecoupled", "TopKScale", "aekt_loss", "dkd_loss", "dtkd_loss", "info_nce", "kd_loss",
     "ldrld_loss", "logit_distill", "msd_contrastive_loss", "nn", "reference", "topkd_loss",
 ]
+
+
+def __getattr__(name):
+    """``kdkernels.testing`` (check a spec against the reference) is imported on first use."""
+    if name == "testing":
+        import importlib
+        return importlib.import_module(".testing", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
