@@ -39,10 +39,10 @@ $(VENV)/.deps:
 	fi
 	@if $(VPY) -c "import torch" >/dev/null 2>&1; then \
 	    echo "kdkernels: keeping the torch already installed: $$($(VPY) -c 'import torch; print(torch.__version__, "at", torch.__file__)')"; \
-	    echo "kdkernels: installing only what is missing: $(DEPS)"; \
+	    echo 'kdkernels: installing only what is missing: $(DEPS)'; \
 	    $(VPY) -m pip install -q $(DEPS); \
 	else \
-	    echo "kdkernels: installing $(TORCH_SPEC) $(TORCH_INDEX) and $(PINS)"; \
+	    echo 'kdkernels: installing $(TORCH_SPEC) $(TORCH_INDEX) and $(PINS)'; \
 	    $(VPY) -m pip install -q "$(TORCH_SPEC)" $(TORCH_INDEX) && $(VPY) -m pip install -q $(PINS); \
 	fi
 	touch $@
