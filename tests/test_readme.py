@@ -119,3 +119,13 @@ def test_a_build_without_torch_says_loudly_what_it_skipped():
     assert done.returncode == 0, done.stderr
     assert "SKIPPED the C++ extension kdkernels._C" in done.stderr
     assert "pip install --no-build-isolation ." in done.stderr and "python -m kdkernels.info" in done.stderr
+
+
+def test_info_says_how_to_build_a_missing_extension():
+    """``python -m kdkernels.info`` in an install without ``kdkernels._C`` gives the build command."""
+    import subprocess
+    import sys
+    without_ext = "import sys; sys.modules['kdkernels._C'] = None; import runpy; runpy.run_module('kdkernels.info', run_name='__main__')"
+    done = subprocess.run([sys.executable, "-c", without_ext], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "kdkernels._C is not built" in done.stdout and "pip install --no-build-isolation" in done.stdout
