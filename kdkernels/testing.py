@@ -38,9 +38,11 @@ from .spec import Decoupled, LogitDistill
 FUSED_BACKENDS = tuple(b for b in BACKENDS if b not in ("auto", "reference"))
 
 #: (loss tolerance relative to the largest reference loss, gradient tolerance relative to the largest
-#: reference gradient entry) per input dtype — the tolerances of the project's own parity tests.
+#: reference gradient entry) per input dtype: the 16/32-bit ones are those of the project's own parity
+#: tests; float64 is tighter (the backends agree with the reference to ~1e-15 there; 1e-10 still
+#: exposes any parameter or sum rounded through float32, which shows at ~1e-8)
 TOLERANCES = {
-    torch.float64: (1e-6, 1e-6),
+    torch.float64: (1e-10, 1e-10),
     torch.float32: (1e-4, 1e-4),
     torch.float16: (1e-3, 3e-3),
     torch.bfloat16: (1e-3, 1.6e-2),

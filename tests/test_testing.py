@@ -149,3 +149,11 @@ def test_compare_flags_dtype_finiteness_and_error():
     assert [w for w, _ in testing.compare(nan_loss, (loss_ref, grad_ref, None), torch.float32)] == ["finiteness"]
     wrong_dtype = (loss_ref.half(), grad_ref.float(), None)
     assert "dtype" in [w for w, _ in testing.compare(wrong_dtype, (loss_ref, grad_ref, None), torch.float32)]
+
+
+@needs_fused
+def test_float64_tolerance_exposes_float32_rounding(wrong_backend):
+    """A float64 gradient off by 1e-8 relative (what a parameter rounded through float32 gives) fails."""
+    wrong_backend(dtype=torch.float64, grad_factor=1 + 1e-8)
+    result = check_spec(COMPOSED, shapes=SHAPES, dtypes=[torch.float64], backends=[FAST], gradcheck=False)
+    assert [(m.what, m.case.dtype) for m in result.mismatches] == [("grad", torch.float64)]
