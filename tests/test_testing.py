@@ -157,3 +157,20 @@ def test_float64_tolerance_exposes_float32_rounding(wrong_backend):
     wrong_backend(dtype=torch.float64, grad_factor=1 + 1e-8)
     result = check_spec(COMPOSED, shapes=SHAPES, dtypes=[torch.float64], backends=[FAST], gradcheck=False)
     assert [(m.what, m.case.dtype) for m in result.mismatches] == [("grad", torch.float64)]
+
+
+PRESETS = {  # the method functions' specs (docs/engine.md), at a size that suits C = 12
+    "kd": kdk.LogitDistill(temperature=4.0),
+    "dkd": kdk.LogitDistill(kd_weight=0.0, decoupled=kdk.Decoupled(1.0, 8.0)),
+    "aekt": kdk.LogitDistill(kd_weight=0.0, decoupled=kdk.Decoupled(1.0, 8.0, adaptive=True)),
+    "dtkd": kdk.LogitDistill(kd_weight=1.0, dtkd_weight=3.0),
+    "ldrld": kdk.LogitDistill(kd_weight=0.0, relation=kdk.RankRelation(k=5)),
+    "topkd": kdk.LogitDistill(teacher_topk_scale=kdk.TopKScale(k=3), tdl=kdk.TopKDecoupled(k=3)),
+    "ls_kd_ce": kdk.LogitDistill(temperature=2.0, standardize=True, ce_weight=1.0),
+}
+
+
+@needs_fused
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_method_preset_passes_check_spec(name):
+    assert_spec_matches_reference(PRESETS[name], shapes=[(5, 12)], backends=[FAST])
