@@ -5,7 +5,9 @@
   ``KDKERNELS_BUILD_CUDA=auto|0|1`` (``1`` fails loudly when it cannot build; ``auto`` says why it skipped).
 * ``KDKERNELS_REQUIRE_EXT=1`` turns a skipped or failed CPU extension into an error (CI sets it).
 
-Install with ``pip install --no-build-isolation -e .`` so this script sees the installed torch.
+Install with ``pip install --no-build-isolation -e .`` so this script sees the installed torch. A plain
+``pip install .`` builds in an isolated environment without torch: the extension is then skipped, with a
+banner on stderr (and the terminal) that says so and gives the command that builds it.
 """
 import glob
 import os
@@ -19,8 +21,39 @@ REQUIRE_EXT = os.environ.get("KDKERNELS_REQUIRE_EXT", "0") == "1"
 BUILD_CUDA = os.environ.get("KDKERNELS_BUILD_CUDA", "auto").lower()
 
 
+#: the command that builds the C++ extension against the torch installed in the environment
+BUILD_COMMAND = "pip install ninja && pip install --no-build-isolation ."
+EDITABLE_BUILD_COMMAND = "pip install --no-build-isolation -e .   (from a checkout)"
+
+
 def say(msg: str) -> None:
     print(f"kdkernels setup: {msg}", file=sys.stderr)
+
+
+def say_loudly(lines) -> None:
+    """A banner on stderr, and on the terminal when there is one: pip shows a successful build's output
+    only with ``-v``, and a skipped extension must not go unnoticed."""
+    bar = "!" * 100
+    text = "\n".join([bar] + [f"kdkernels setup: {line}" for line in lines] + [bar]) + "\n"
+    sys.stderr.write(text)
+    try:
+        with open("/dev/tty", "w") as tty:
+            tty.write(text)
+    except OSError:
+        pass  # no terminal (CI): stderr only
+
+
+def skipped_extension(why: str) -> None:
+    say_loudly([
+        "SKIPPED the C++ extension kdkernels._C (the CPU backend `cpu` and the CUDA fallback `cuda`):",
+        f"  {why}",
+        "The package still works with the `reference` backend (and `triton` on a GPU, or on CPU under",
+        "TRITON_INTERPRET=1); backend='cpu' or 'cuda' will raise BackendUnavailableError.",
+        "To build the C++ backends, install torch in this environment first, then run:",
+        f"    {BUILD_COMMAND}",
+        f"    {EDITABLE_BUILD_COMMAND}",
+        "`python -m kdkernels.info` lists which backends can run and why not.",
+    ])
 
 
 def extensions():
@@ -35,7 +68,8 @@ def extensions():
         if REQUIRE_EXT:
             raise RuntimeError("KDKERNELS_REQUIRE_EXT=1 but torch is not importable in the build "
                                "environment; install with --no-build-isolation") from exc
-        say("torch not importable in the build environment (use --no-build-isolation): skipping kdkernels._C")
+        skipped_extension("torch is not importable in the build environment (pip's build isolation hides "
+                          "the installed torch, or torch is not installed)")
         return [], {}
 
     # -fno-trapping-math / -fno-math-errno: no FP-exception or errno semantics are used, and they let the
@@ -95,7 +129,7 @@ class _Optional:
                 except Exception as exc:  # noqa: BLE001 - reported, then re-raised when required
                     if REQUIRE_EXT:
                         raise
-                    say(f"building kdkernels._C failed ({exc}); continuing without the C++ backends")
+                    skipped_extension(f"building it failed: {type(exc).__name__}: {exc}")
 
         return {"build_ext": build_ext}
 

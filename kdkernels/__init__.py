@@ -20,3 +20,11 @@ __all__ = [
     "ldrld_loss", "logit_distill", "msd_contrastive_loss", "nn", "reference", "repeatable_backward",
     "topkd_loss",
 ]
+
+
+def __getattr__(name):
+    """``kdkernels.testing`` (check a spec against the reference) is imported on first use."""
+    if name == "testing":
+        import importlib
+        return importlib.import_module(".testing", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
