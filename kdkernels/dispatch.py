@@ -80,7 +80,8 @@ def resolve(backend: Optional[str], device: torch.device, family: str = "logit")
     if backend != "auto":
         reason = unavailable_reason(backend, device, family)
         if reason is not None:
-            raise BackendUnavailableError(f"backend {backend!r} cannot run on {device}: {reason}")
+            raise BackendUnavailableError(f"backend {backend!r} cannot run on {device}: {reason}; "
+                                          "`python -m kdkernels.info` lists the backends that can run here")
         return backend
     for name in AUTO_ORDER.get(device.type, ()):
         if unavailable_reason(name, device, family) is None:

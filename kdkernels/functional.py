@@ -14,7 +14,7 @@ import torch
 
 from . import reference
 from .contrastive import info_nce
-from .dispatch import load_launcher, resolve
+from .dispatch import load_launcher, resolve, unavailable_reason
 from .engine import fused_logit_distill
 from .spec import Decoupled, LogitDistill, RankRelation, TopKDecoupled, TopKScale
 from .validation import check_logits, check_mode, check_values, flatten_labels, flatten_temperature
@@ -35,7 +35,7 @@ def logit_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     if not isinstance(spec, LogitDistill):
         raise TypeError(f"spec must be a kdkernels.LogitDistill, got {type(spec).__name__}")
     s, t = student_logits, teacher_logits
-    check_logits(s, t)
+    check_logits(s, t, mixed_dtypes=True)
     C, lead = s.shape[-1], s.shape[:-1]
     N = math.prod(lead)
     spec.check_classes(C)
@@ -109,6 +109,10 @@ def _logit_contrastive(s2d, t2d, labels, spec: LogitDistill, backend: str) -> to
             return s2d.sum() * 0.0
     s_c = torch.where(s2d == -math.inf, torch.zeros_like(s2d), s2d)
     t_c = torch.where(t2d == -math.inf, torch.zeros_like(t2d), t2d)
+    # the logit engine's backend when it has a contrastive kernel (triton), else auto's pick (the C++
+    # backends have none): an explicit backend="cpu" still runs the whole TopKD loss
+    if backend in ("cpu", "cuda") or unavailable_reason(backend, s_c.device, "contrastive") is not None:
+        backend = "auto"
     return info_nce(s_c[None], t_c[None], spec.contrastive_tau, backend=backend)
 
 

@@ -21,7 +21,9 @@ def check_mode(check: Optional[bool]) -> bool:
     return os.environ.get("KDKERNELS_CHECK", "0").strip().lower() not in ("", "0", "false", "no", "off")
 
 
-def check_logits(s, t, s_name="student_logits", t_name="teacher_logits") -> None:
+def check_logits(s, t, s_name="student_logits", t_name="teacher_logits", *, mixed_dtypes: bool = False) -> None:
+    """Types, dtypes, shapes and devices of a (student, teacher) pair; ``mixed_dtypes``: the two may
+    differ in floating dtype (the logit engine reads each in its own dtype)."""
     for name, x in ((s_name, s), (t_name, t)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -33,6 +35,9 @@ def check_logits(s, t, s_name="student_logits", t_name="teacher_logits") -> None
         raise ValueError(f"{s_name} and {t_name} must have the same shape, got {tuple(s.shape)} and {tuple(t.shape)}")
     if s.device != t.device:
         raise ValueError(f"{s_name} and {t_name} must be on the same device, got {s.device} and {t.device}")
+    if s.dtype != t.dtype and not mixed_dtypes:
+        raise TypeError(f"{s_name} and {t_name} must have the same dtype, got {s.dtype} and {t.dtype} "
+                        f"(cast with .to({s.dtype}))")
 
 
 def flatten_labels(labels, lead_shape, device) -> Optional[torch.Tensor]:

@@ -193,3 +193,14 @@ def test_torch_func_grad(backend, gen):
     x = s.clone().requires_grad_(True)
     g, = torch.autograd.grad(kdk.dkd_loss(x, t, y, backend=backend), x)
     torch.testing.assert_close(g_func, g, rtol=1e-12, atol=0)
+
+
+def test_topkd_contrastive_with_an_explicit_cpp_backend(gen):
+    """backend="cpu" runs the whole TopKD loss: the contrastive term, which has no C++ kernel, takes
+    auto's pick instead of raising."""
+    if "cpu" not in FUSED:
+        pytest.skip("the C++ CPU backend is not built")
+    s, t, y = make_inputs(gen, 6, 12, torch.float64)
+    got = kdk.topkd_loss(s, t, y, k=2, contrastive_weight=0.5, backend="cpu")
+    want = kdk.topkd_loss(s, t, y, k=2, contrastive_weight=0.5, backend="reference")
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
