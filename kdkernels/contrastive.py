@@ -5,7 +5,6 @@ They couple the samples of a batch, so they have their own kernel family (``disp
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -13,14 +12,16 @@ import torch.nn.functional as F
 
 from . import reference
 from .dispatch import load_launcher, resolve
+from .spec import positive
 from .validation import check_logits
 
 
 # ---------------------------------------------------------------------------------------------
 def _check_tau(tau) -> float:
-    if tau is None or isinstance(tau, bool) or not (isinstance(tau, (int, float)) and tau > 0 and math.isfinite(tau)):
+    """A finite positive τ (a symbolic τ under ``torch.compile`` is checked by the compiled graph)."""
+    if tau is None or isinstance(tau, bool) or not isinstance(tau, (int, float)):
         raise ValueError(f"tau must be a finite positive number, got {tau}")
-    return float(tau)
+    return positive("tau", tau)
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float = 0.1, *, backend: str = "auto") -> torch.Tensor:

@@ -29,25 +29,51 @@ RANK_BY = ("student", "teacher")
 MAX_TOPK = 64
 
 
-def _positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+def symbolic(value) -> bool:
+    """True when ``value`` may be symbolic: a ``torch.SymFloat``/``SymInt`` (``torch.export``, ``make_fx``)
+    or any number while ``torch.compile`` traces (dynamo shows a ``SymFloat`` as a ``float``; with
+    ``dynamic=True``, or a value that changed between calls under ``dynamic=None``, it is one). Such
+    values are checked with ``torch._check``, which dynamo folds for constants and turns into a run-time
+    assertion of the compiled graph for symbols — no graph break, no recompile when the value changes."""
+    return isinstance(value, (torch.SymFloat, torch.SymInt)) or torch.compiler.is_compiling()
+
+
+def _number(name: str, value, kind=(int, float), kind_name: str = "a float") -> None:
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(f"{name} must be {kind_name}, got {type(value).__name__}")
+
+
+def positive(name: str, value) -> float:
+    """A finite positive float. A symbolic value (see :func:`symbolic`) is returned as it is and checked
+    by the compiled graph (``torch._check``: the same condition, raised as a RuntimeError)."""
+    _number(name, value)
+    if symbolic(value):
+        torch._check(value > 0, lambda: f"{name} must be a finite positive number")
+        torch._check(value < math.inf, lambda: f"{name} must be a finite positive number")
+        return value
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite positive number, got {value}")
     return float(value)
 
 
 def _finite(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    """A finite float (symbolic values: checked at run time, see :func:`positive`)."""
+    _number(name, value)
+    if symbolic(value):
+        torch._check(abs(value) < math.inf, lambda: f"{name} must be finite")
+        return value
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return float(value)
 
 
 def _int_in(name: str, value, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    """An int in ``[lo, hi]`` (symbolic values: checked at run time, see :func:`positive`)."""
+    _number(name, value, int, "an int")
+    if symbolic(value):
+        torch._check(lo <= value, lambda: f"{name} must be in [{lo}, {hi}]")
+        torch._check(value <= hi, lambda: f"{name} must be in [{lo}, {hi}]")
+        return value
     if not lo <= value <= hi:
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
     return value
@@ -96,7 +122,7 @@ class Decoupled:
     def __post_init__(self):
         object.__setattr__(self, "alpha", _finite("alpha", self.alpha))
         object.__setattr__(self, "beta", _finite("beta", self.beta))
-        object.__setattr__(self, "max_weight", _positive("max_weight", self.max_weight))
+        object.__setattr__(self, "max_weight", positive("max_weight", self.max_weight))
 
 
 @dataclass(frozen=True)
@@ -117,7 +143,7 @@ class RankRelation:
             raise ValueError(f"rank_by must be one of {RANK_BY}, got {self.rank_by!r}")
         for name in ("alpha", "beta", "delta", "lam"):
             object.__setattr__(self, name, _finite(name, getattr(self, name)))
-        object.__setattr__(self, "eps", _positive("eps", self.eps))
+        object.__setattr__(self, "eps", positive("eps", self.eps))
 
     def pair_weight(self, r: int, r2: int) -> float:
         """w(r, r') of §5 for 1-based ranks."""
@@ -175,10 +201,10 @@ class LogitDistill:
             if not T.is_floating_point():
                 raise TypeError(f"temperature tensor must be floating point, got {T.dtype}")
         else:
-            object.__setattr__(self, "temperature", _positive("temperature", T))
+            object.__setattr__(self, "temperature", positive("temperature", T))
         for name in ("kd_weight", "ce_weight", "dtkd_weight", "contrastive_weight", "loss_weight"):
             object.__setattr__(self, name, _finite(name, getattr(self, name)))
-        object.__setattr__(self, "contrastive_tau", _positive("contrastive_tau", self.contrastive_tau))
+        object.__setattr__(self, "contrastive_tau", positive("contrastive_tau", self.contrastive_tau))
         object.__setattr__(self, "teacher_topk_scale", TopKScale.coerce(self.teacher_topk_scale))
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
