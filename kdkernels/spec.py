@@ -24,6 +24,11 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 REDUCTIONS = ("batchmean", "sum", "none")
+#: what the KD term reports (``LogitDistill.value``): ``T²·KL(p‖q)``, or the soft cross-entropy
+#: ``T²·(−Σ p·log q) = T²·(KL(p‖q) + H(p))`` — torchtune's ``ForwardKLLoss`` number; same gradient
+VALUES = ("kl", "cross_entropy")
+#: ``value`` as the kernels see it (the ``value`` int field, once the backends carry it)
+VALUE_CODES = {"kl": 0, "cross_entropy": 1}
 RANK_BY = ("student", "teacher")
 #: largest k of the in-kernel top-k (architecture.md §2: k ≤ 64 for the logit methods)
 MAX_TOPK = 64
@@ -77,6 +82,14 @@ def _int_in(name: str, value, lo: int, hi: int) -> int:
     if not lo <= value <= hi:
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
     return value
+
+
+def _fix_k(largest: int, example: str, lowest: int = 1) -> str:
+    """The end of a k-range error: the value to pass instead (``example`` formatted with ``k=largest``),
+    or that no k fits this number of classes."""
+    if largest < lowest:
+        return ": no k fits this number of classes"
+    return f": pass k <= {largest}, e.g. " + example.format(k=largest)
 
 
 @dataclass(frozen=True)
@@ -176,6 +189,11 @@ class LogitDistill:
     ``temperature``: a positive float, a 0-dim tensor or a per-row tensor (leading dims of the
     logits); a tensor with ``requires_grad`` is learnable (CTKD) and receives its exact gradient —
     supported for the temperature-dependent terms ``kd_weight`` (and the T-free ``ce``/``tdl`` terms).
+
+    ``value``: ``"kl"`` (default) reports the KD term as ``kd_weight·T²·KL(p‖q)``; ``"cross_entropy"``
+    as ``kd_weight·T²·(−Σ_c p_c·log q_c)`` = the KL plus the teacher's entropy ``T²·H(p)`` per row
+    (torchtune's ``ForwardKLLoss`` number, to compare logged curves); the gradient is the same. Only
+    for specs whose temperature terms are the plain KD term.
     """
 
     temperature: Temperature = 4.0
@@ -194,6 +212,7 @@ class LogitDistill:
     check: Optional[bool] = None
     inplace: bool = False
     loss_weight: float = 1.0
+    value: str = "kl"
 
     def __post_init__(self):
         T = self.temperature
@@ -210,10 +229,24 @@ class LogitDistill:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError("ignore_index must be an int")
+        self._check_value()
         if self.learnable_temperature and self.temperature_terms - {"kd"}:
             raise ValueError(
                 "a learnable temperature (tensor with requires_grad) is supported with the KD term "
                 f"only; this spec also has {sorted(self.temperature_terms - {'kd'})}")
+
+    def _check_value(self) -> None:
+        if self.value not in VALUES:
+            raise ValueError(f"value must be one of {VALUES}, got {self.value!r}")
+        if self.value == "kl":
+            return
+        others = sorted(self.temperature_terms - {"kd"})
+        if others:
+            raise ValueError(f"value='cross_entropy' reports the plain KD term as a soft cross-entropy; this "
+                             f"spec also has {others}, which have no such form (use value='kl')")
+        if "value" not in INT_FIELDS:  # the backends do not carry it yet: refuse rather than ignore it
+            raise NotImplementedError("value='cross_entropy' is not wired into the backends of this build; "
+                                      "add the teacher entropy T²·H(p) per row yourself (same gradient)")
 
     # ---- derived facts (what the backends specialise on) -------------------------------------
     @property
@@ -246,11 +279,15 @@ class LogitDistill:
         if self.decoupled is not None and C < 2:
             raise ValueError("dkd/aekt need at least 2 classes (target vs. non-target)")
         if self.teacher_topk_scale is not None and not self.teacher_topk_scale.k <= C - 1:
-            raise ValueError(f"TopKScale.k must be in [1, C - 1] = [1, {C - 1}], got {self.teacher_topk_scale.k}")
+            raise ValueError(f"TopKScale.k must be in [1, C - 1] = [1, {C - 1}], got {self.teacher_topk_scale.k}"
+                             + _fix_k(C - 1, "kdk.TopKScale(k={k})"))
         if self.relation is not None and not 2 <= self.relation.k <= C - 1:
-            raise ValueError(f"ldrld k must be in [2, C - 1] = [2, {C - 1}], got {self.relation.k}")
+            raise ValueError(f"ldrld k must be in [2, C - 1] = [2, {C - 1}], got {self.relation.k}"
+                             + _fix_k(C - 1, "ldrld_loss(s, t, {k}) or kdk.nn.LDRLDLoss({k})", lowest=2))
         if self.tdl is not None and not 2 * self.tdl.k < C:
-            raise ValueError(f"TDL needs 2k < C (Pos, Neg and Non groups), got k={self.tdl.k}, C={C}")
+            raise ValueError(f"TDL needs 2k < C (Pos, Neg and Non groups), got k={self.tdl.k}, C={C}"
+                             + _fix_k((C - 1) // 2, "topkd_loss(s, t, y, {k}) or kdk.nn.TopKDLoss({k})")
+                             + "; or tdl_weight=0 to drop TDL")
 
     # ---- flat parameter layout shared with the C++ backends ------------------------------------
     def pack(self) -> tuple[list[float], list[int]]:
@@ -274,6 +311,7 @@ class LogitDistill:
             rank_by_teacher=int(rel.rank_by == "teacher"),
             use_tdl=int(self.tdl is not None), tdl_k=tdl.k,
             loss_weight=self.loss_weight, reduction=REDUCTION_CODES[self.reduction],
+            value=VALUE_CODES[self.value],
         )
         return [float(values[f]) for f in FLOAT_FIELDS], [int(values[f]) for f in INT_FIELDS]
 
