@@ -58,3 +58,120 @@ def test_opcheck_triton_engine_ops(gen):
                           (s, t, y, None, torch.empty_like(s), None, 1 / 3, floats, ints, False))
     torch.library.opcheck(torch.ops.kdkernels.triton_scale_rows_.default,
                           (torch.randn(3, 10, generator=gen), torch.tensor([2.0, 1.0, 0.5])))
+
+
+# ---------------------------------------------------------------------------------------------
+# dynamic shapes and symbolic Python floats (issue 16, item 1)
+# ---------------------------------------------------------------------------------------------
+#: every logit method, its float arguments taken from the caller (symbolic under dynamic=True)
+METHODS = {
+    "kd": lambda s, t, y, T, w, b: kdk.kd_loss(s, t, T, labels=y, ce_weight=w, backend=b),
+    "dkd": lambda s, t, y, T, w, b: kdk.dkd_loss(s, t, y, w, 8.0, T, backend=b),
+    "aekt": lambda s, t, y, T, w, b: kdk.aekt_loss(s, t, y, w, 8.0, T, backend=b),
+    "dtkd": lambda s, t, y, T, w, b: kdk.dtkd_loss(s, t, T, 3.0, w, labels=y, backend=b),
+    "ldrld": lambda s, t, y, T, w, b: kdk.ldrld_loss(s, t, 3, T, 10.5, w, backend=b),
+    "topkd": lambda s, t, y, T, w, b: kdk.topkd_loss(s, t, y, 2, T, scale=w, backend=b),
+}
+C_DYN = 12
+
+
+def _all_methods(backend):
+    def f(s, t, y, T, w):
+        losses = [fn(s, t, y, T, w, backend) for fn in METHODS.values()]
+        losses.append(kdk.info_nce(s, t, T / 10))  # the contrastive family (its own auto backend)
+        return torch.stack(losses)
+    return f
+
+
+def _batch(gen, N, dtype=torch.float64):
+    s = torch.randn(N, C_DYN, generator=gen, dtype=dtype) * 3
+    t = torch.randn(N, C_DYN, generator=gen, dtype=dtype) * 3
+    y = torch.randint(0, C_DYN, (N,), generator=gen)
+    y[0] = -100  # an ignored row: the batchmean count is a device value
+    return s, t, y
+
+
+def _compare(compiled, eager, gen, N, T, w, mark=False, methods=len(METHODS) + 1):
+    """Losses of every method and the gradient of a random combination: compiled vs eager (float64)."""
+    s, t, y = _batch(gen, N)
+    if mark:
+        for x in (s, t, y):
+            torch._dynamo.mark_dynamic(x, 0)
+    v = torch.rand(methods, generator=gen, dtype=torch.float64)
+    results = []
+    for fn in (compiled, eager):
+        x = s.clone().requires_grad_(True)
+        losses = fn(x, t, y, T, w)
+        g, = torch.autograd.grad((losses * v).sum(), x)
+        results.append((losses.detach(), g))
+    (lc, gc), (le, ge) = results
+    torch.testing.assert_close(lc, le, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(gc, ge, rtol=1e-12, atol=1e-14)
+
+
+CPP = unavailable_reason("cpu", torch.device("cpu")) is None
+needs_cpp = pytest.mark.skipif(not CPP, reason="the C++ CPU twin is not built")
+
+
+def _counted(fn, backend="aot_eager", **options):
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend(backend)
+    return torch.compile(fn, fullgraph=True, backend=counter, **options), counter
+
+
+@needs_cpp
+def test_compile_dynamic_true_every_method_cpp(gen):
+    """dynamic=True, the C++ ops: every method (+ info_nce) in one fullgraph, fwd + bwd; the floats arrive
+    as SymFloats (validated by torch._check) and N is a symbol: a new N reuses the graph. (~20 s)"""
+    eager = _all_methods("cpu")
+    compiled, counter = _counted(eager, dynamic=True)
+    _compare(compiled, eager, gen, 8, 4.0, 0.5)
+    _compare(compiled, eager, gen, 5, 4.0, 0.5)
+    assert counter.frame_count == 1
+
+
+def test_compile_dynamic_true_every_method_reference(gen):
+    """dynamic=True, the reference backend (plain autograd traced into the graph), every method. (~50 s)"""
+    eager = _all_methods("reference")
+    compiled, _ = _counted(eager, dynamic=True)
+    _compare(compiled, eager, gen, 7, 3.0, 0.5)
+
+
+@needs_cpp
+def test_compile_dynamic_none_new_shape_and_values(gen):
+    """dynamic=None (the default): the second call with a new N and new floats recompiles with them
+    symbolic (automatic dynamic) — the call that raised in the spec's validation before. (~30 s)"""
+    eager = _all_methods("cpu")
+    compiled, _ = _counted(eager)
+    _compare(compiled, eager, gen, 8, 4.0, 0.5)
+    _compare(compiled, eager, gen, 6, 2.0, 0.75)
+
+
+def test_compile_dynamic_none_new_values_reference(gen):
+    """The same with the reference backend, one method (its graph is the slow part). (~10 s)"""
+    eager = lambda s, t, y, T, w: METHODS["dkd"](s, t, y, T, w, "reference")[None]  # noqa: E731
+    compiled, _ = _counted(eager)
+    for N, T, w in ((6, 4.0, 0.5), (5, 2.0, 0.75), (4, 3.0, 1.5)):
+        _compare(compiled, eager, gen, N, T, w, methods=1)
+
+
+def test_compile_mark_dynamic_inductor(gen):
+    """mark_dynamic on the row dimension with the default inductor backend: one graph for every N. (~25 s)"""
+    eager = _all_methods("cpu" if CPP else "reference")
+    compiled, counter = _counted(eager, backend="inductor")
+    for N in (8, 6, 5):
+        _compare(compiled, eager, gen, N, 4.0, 0.5, mark=True)
+    assert counter.frame_count == 1
+
+
+def test_compile_symbolic_argument_is_still_checked(gen):
+    """A symbolic temperature is validated inside the compiled graph (torch._check): a negative value
+    raises with the spec's message; eager keeps its exact ValueError. (~5 s)"""
+    s, t, _ = _batch(gen, 4)
+    f, _ = _counted(lambda s, t, T: kdk.kd_loss(s, t, T, backend="reference"), dynamic=True)
+    f(s, t, 4.0)
+    with pytest.raises(Exception, match="temperature must be a finite positive number"):
+        f(s, t, -2.0)
+    with pytest.raises(ValueError, match="temperature must be a finite positive number"):
+        kdk.kd_loss(s, t, -2.0)
