@@ -39,7 +39,8 @@ def symbolic(value) -> bool:
     or any number while ``torch.compile`` traces (dynamo shows a ``SymFloat`` as a ``float``; with
     ``dynamic=True``, or a value that changed between calls under ``dynamic=None``, it is one). Such
     values are checked with ``torch._check``, which dynamo folds for constants and turns into a run-time
-    assertion of the compiled graph for symbols — no graph break, no recompile when the value changes."""
+    assertion of the compiled graph for symbols: no graph break. (Whether the graph then specialises on
+    the value — a recompile when it changes — is up to the op that consumes it.)"""
     return isinstance(value, (torch.SymFloat, torch.SymInt)) or torch.compiler.is_compiling()
 
 
@@ -55,7 +56,7 @@ def positive(name: str, value) -> float:
     if symbolic(value):
         torch._check(value > 0, lambda: f"{name} must be a finite positive number")
         torch._check(value < math.inf, lambda: f"{name} must be a finite positive number")
-        return value
+        return float(value)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite positive number, got {value}")
     return float(value)
@@ -66,7 +67,7 @@ def _finite(name: str, value) -> float:
     _number(name, value)
     if symbolic(value):
         torch._check(abs(value) < math.inf, lambda: f"{name} must be finite")
-        return value
+        return float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return float(value)
