@@ -9,6 +9,8 @@ transcription written here. The whole file runs in ~20 s on 2 cores (the Triton 
 from __future__ import annotations
 
 import inspect
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -390,3 +392,23 @@ def test_value_cross_entropy_is_torchtunes_number_or_refused(gen):
         loss, grad = _loss_grad(lambda x: kdk.logit_distill(x, t, labels, spec, backend=backend), s)
         _close(loss, _torchtune_forward_kl(s, t, labels), 1e-12)
         _close(grad, want_grad, 1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# the README section runs
+# ------------------------------------------------------------------------------------------------
+def test_readme_training_section_examples_run():
+    """Every Python example of README "Using kdkernels in training" runs as written (the DDP one needs a
+    process group and the compile one is tests/test_compile.py's subject: both skipped here)."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Using kdkernels in training", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) >= 4
+    ran = 0
+    for code in blocks:
+        if "torch.distributed" in code or "torch.compile" in code:
+            continue
+        torch.manual_seed(0)
+        exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - the README's own examples
+        ran += 1
+    assert ran >= 3
