@@ -245,6 +245,9 @@ class LogitDistill:
         if others:
             raise ValueError(f"value='cross_entropy' reports the plain KD term as a soft cross-entropy; this "
                              f"spec also has {others}, which have no such form (use value='kl')")
+        if self.learnable_temperature:  # T²·H(p_T) depends on T: its gradient would differ from the KL's
+            raise ValueError("value='cross_entropy' is a logging convention and is not supported with a "
+                             "learnable temperature (use value='kl')")
         if "value" not in INT_FIELDS:  # the backends do not carry it yet: refuse rather than ignore it
             raise NotImplementedError("value='cross_entropy' is not wired into the backends of this build; "
                                       "add the teacher entropy T²·H(p) per row yourself (same gradient)")

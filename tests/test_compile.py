@@ -83,21 +83,21 @@ def _all_methods(backend):
     return f
 
 
-def _batch(gen, N, dtype=torch.float64):
+def _batch(gen, N, dtype=torch.float64, device="cpu"):
     s = torch.randn(N, C_DYN, generator=gen, dtype=dtype) * 3
     t = torch.randn(N, C_DYN, generator=gen, dtype=dtype) * 3
     y = torch.randint(0, C_DYN, (N,), generator=gen)
     y[0] = -100  # an ignored row: the batchmean count is a device value
-    return s, t, y
+    return s.to(device), t.to(device), y.to(device)
 
 
-def _compare(compiled, eager, gen, N, T, w, mark=False, methods=len(METHODS) + 1):
+def _compare(compiled, eager, gen, N, T, w, mark=False, methods=len(METHODS) + 1, device="cpu"):
     """Losses of every method and the gradient of a random combination: compiled vs eager (float64)."""
-    s, t, y = _batch(gen, N)
+    s, t, y = _batch(gen, N, device=device)
     if mark:
         for x in (s, t, y):
             torch._dynamo.mark_dynamic(x, 0)
-    v = torch.rand(methods, generator=gen, dtype=torch.float64)
+    v = torch.rand(methods, generator=gen, dtype=torch.float64).to(device)
     results = []
     for fn in (compiled, eager):
         x = s.clone().requires_grad_(True)
@@ -132,11 +132,28 @@ def test_compile_dynamic_true_every_method_cpp(gen):
     assert counter.frame_count == graphs
 
 
-def test_compile_dynamic_true_every_method_reference(gen):
-    """dynamic=True, the reference backend (plain autograd traced into the graph), every method. (~50 s)"""
-    eager = _all_methods("reference")
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_compile_dynamic_true_every_method_gpu(backend, gen):
+    """dynamic=True on the GPU backends (triton_op / the CUDA C++ ops), every method, a new N."""
+    if unavailable_reason(backend, torch.device("cuda")) is not None:
+        pytest.skip(unavailable_reason(backend, torch.device("cuda")))
+    eager = _all_methods(backend)
+    compiled, counter = _counted(eager, backend="inductor", dynamic=True)
+    _compare(compiled, eager, gen, 8, 4.0, 0.5, device="cuda")
+    graphs = counter.frame_count
+    _compare(compiled, eager, gen, 5, 4.0, 0.5, device="cuda")
+    assert counter.frame_count == graphs
+
+
+def test_compile_dynamic_true_reference(gen):
+    """dynamic=True, the reference backend (plain autograd traced into the graph): LDRLD and TopKD, the
+    methods with the most machinery (top-k, rank weights, TSM, TDL); KD in the check test below and DKD
+    in the dynamic=None one. Every method costs ~15 s here, so the others run on the C++ ops only. (~35 s)"""
+    def eager(s, t, y, T, w):
+        return torch.stack([METHODS[name](s, t, y, T, w, "reference") for name in ("ldrld", "topkd")])
     compiled, _ = _counted(eager, dynamic=True)
-    _compare(compiled, eager, gen, 7, 3.0, 0.5)
+    _compare(compiled, eager, gen, 7, 3.0, 0.5, methods=2)
 
 
 @needs_cpp

@@ -375,6 +375,8 @@ def test_value_option_is_validated():
         LogitDistill(value="cross_entropy", decoupled=kdk.Decoupled())
     with pytest.raises(ValueError, match=r"also has \['dtkd'\]"):
         LogitDistill(value="cross_entropy", dtkd_weight=1.0)
+    with pytest.raises(ValueError, match=r"not supported with a learnable temperature"):
+        LogitDistill(value="cross_entropy", temperature=torch.tensor(2.0, requires_grad=True))
 
 
 def test_value_cross_entropy_is_torchtunes_number_or_refused(gen):
