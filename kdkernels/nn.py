@@ -33,8 +33,7 @@ COMMON_ARGS = """
         standardize (bool): logit standardisation ``(z − mean)/(std + 1e-7)`` of both rows first.
         ce_weight (float): adds ``ce_weight·CE(s, y)`` at temperature 1 in the same pass (needs labels).
         teacher_topk_scale: TopKD's TSM on the teacher (``kdk.TopKScale`` or a dict) — not TopKDLoss.
-        loss_weight (float): multiplies the loss, folded into the fused gradient (when the installed
-            functional form has it).
+        loss_weight (float): multiplies the loss inside the fused launch (no extra pass in backward).
         backend (str): ``"auto"``, ``"reference"``, ``"triton"``, ``"cuda"`` or ``"cpu"``.
         check (bool | None): value checks (labels, non-finite logits); None reads ``KDKERNELS_CHECK``.
         inplace (bool): write the gradient into the student logits' storage (the logits are lost).
@@ -116,10 +115,7 @@ class _LogitLoss(nn.Module):
         kwargs = {name: getattr(self, name) for name in self.settings}
         if epoch is None or self.warmup is None:
             return type(self).fn(logits_student, logits_teacher, labels=labels, **kwargs)
-        factor = min(epoch / self.warmup, 1.0)
-        if "loss_weight" not in kwargs:  # TEMPORARY until the engine's loss_weight= lands (issue 9)
-            return factor * type(self).fn(logits_student, logits_teacher, labels=labels, **kwargs)
-        kwargs["loss_weight"] = kwargs["loss_weight"] * factor
+        kwargs["loss_weight"] = kwargs["loss_weight"] * min(epoch / self.warmup, 1.0)
         return type(self).fn(logits_student, logits_teacher, labels=labels, **kwargs)
 
     def extra_repr(self) -> str:
