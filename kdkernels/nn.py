@@ -113,9 +113,8 @@ class _LogitLoss(nn.Module):
 
     def _call(self, logits_student, logits_teacher, labels, epoch) -> torch.Tensor:
         kwargs = {name: getattr(self, name) for name in self.settings}
-        if epoch is None or self.warmup is None:
-            return type(self).fn(logits_student, logits_teacher, labels=labels, **kwargs)
-        kwargs["loss_weight"] = kwargs["loss_weight"] * min(epoch / self.warmup, 1.0)
+        if epoch is not None and self.warmup is not None:  # folded into the launch: no extra pass
+            kwargs["loss_weight"] = kwargs["loss_weight"] * min(epoch / self.warmup, 1.0)
         return type(self).fn(logits_student, logits_teacher, labels=labels, **kwargs)
 
     def extra_repr(self) -> str:
