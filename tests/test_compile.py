@@ -1,7 +1,7 @@
 """The engine under torch.compile(fullgraph=True): ops registered with torch.library, no graph breaks.
 
 On CPU the C++ twin's ops are compiled (Triton's triton_op cannot be compiled through the interpreter,
-ci.md); on a GPU the Triton engine is. The dynamic-shape tests (issue 16) take ~2.5 min in all on 2 busy
+ci.md); on a GPU the Triton engine is. The dynamic-shape tests (issue 16) take ~3 min in all on 2 busy
 cores (per-test times in their docstrings); compile time, not the inputs, is the cost."""
 import pytest
 import torch
@@ -177,7 +177,8 @@ def test_compile_dynamic_none_new_values_reference(gen):
 
 def test_compile_mark_dynamic_inductor(gen):
     """mark_dynamic on the row dimension with the default inductor backend (the user's path): one graph
-    for every N. One method: every method's symbolic N is covered by the dynamic=True tests. (~8 s)"""
+    for every N; then new float values (a recompile with them symbolic). One method: every method's
+    symbolic N is covered by the dynamic=True tests. (~30 s: two inductor compiles)"""
     backend = "cpu" if CPP else "reference"
     eager = lambda s, t, y, T, w: METHODS["dkd"](s, t, y, T, w, backend)[None]  # noqa: E731
     compiled, counter = _counted(eager, backend="inductor")
@@ -186,6 +187,7 @@ def test_compile_mark_dynamic_inductor(gen):
     for N in (6, 5):
         _compare(compiled, eager, gen, N, 4.0, 0.5, mark=True, methods=1)
     assert counter.frame_count == graphs
+    _compare(compiled, eager, gen, 7, 2.0, 0.75, mark=True, methods=1)  # new floats: symbolic now
 
 
 def test_compile_symbolic_argument_is_still_checked(gen):
