@@ -250,6 +250,22 @@ def test_info_nce_torch_func_grad_vmap_jacrev(gen, backend):
     _close(torch.func.jacrev(two(loss))(a), torch.func.jacrev(two(want))(a), 1e-10)
 
 
+@pytest.mark.parametrize("backend", [R] + (["triton"] if TRITON_CPU else []))
+def test_msd_contrastive_torch_func(gen, backend):
+    """The feature-map loss over the same Function: grad and vmap equal the reference."""
+    fs = torch.randn(3, 4, 4, 4, generator=gen, dtype=DT)
+    ft = torch.randn(3, 4, 4, 4, generator=gen, dtype=DT)
+    batch = torch.randn(2, 3, 4, 4, 4, generator=gen, dtype=DT)
+
+    def loss(x):
+        return kdk.msd_contrastive_loss(x, ft, (1, 2), 0.2, 0.5, 2.0, backend=backend)
+
+    def want(x):
+        return reference.msd_contrastive_loss(x, ft, (1, 2), 0.2, 0.5, 2.0)
+    _close(torch.func.grad(loss)(fs), torch.func.grad(want)(fs), 1e-10)
+    _close(torch.func.vmap(loss)(batch), torch.stack([want(f) for f in batch]), 1e-12)
+
+
 @pytest.mark.skipif(not TRITON_CPU, reason="Triton on CPU needs TRITON_INTERPRET=1 before import")
 def test_info_nce_function_has_setup_context():
     from kdkernels._triton.info_nce import InfoNCEFunction
