@@ -331,10 +331,17 @@ def test_torchtune_forward_kl_is_kl_plus_teacher_entropy(gen):
 def test_trl_forward_kl_convention(gen):
     s, t, labels = _tokens(gen)
     B, T = s.shape[0], 2.0
-    with_labels = kdk.kd_loss(s, t, T, labels=labels, backend=R) / T ** 2
+    with_labels = kdk.kd_loss(s, t, T, labels=labels, loss_weight=1 / T ** 2, backend=R)
     _close(with_labels, _trl_forward_kl(s, t, labels, T), 1e-12)
-    label_free = kdk.kd_loss(s, t, T, reduction="sum", backend=R) / (T ** 2 * B)
+    label_free = kdk.kd_loss(s, t, T, reduction="sum", loss_weight=1 / (T ** 2 * B), backend=R)
     _close(label_free, _trl_forward_kl(s, t, None, T), 1e-12)
+    backends = [b for b in ("cpu", "triton") if unavailable_reason(b, torch.device("cpu")) is None]
+    for backend in backends:  # the weight folded into the fused launch: loss and gradient
+        loss, grad = _loss_grad(lambda x: kdk.kd_loss(x, t, T, reduction="sum", loss_weight=1 / (T ** 2 * B),
+                                                      backend=backend), s)
+        want, want_grad = _loss_grad(lambda x: _trl_forward_kl(x, t, None, T), s)
+        _close(loss, want, 1e-12)
+        _close(grad, want_grad, 1e-12)
 
 
 def test_num_items_in_batch_is_sum_over_n(gen):
