@@ -5,22 +5,36 @@ They couple the samples of a batch, so they have their own kernel family (``disp
 """
 from __future__ import annotations
 
-import math
+import sys
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from . import reference
-from .dispatch import load_launcher, resolve
+from .dispatch import LAUNCHERS, resolve
+from .spec import positive
 from .validation import check_logits
 
 
 # ---------------------------------------------------------------------------------------------
+def _launcher(name: str):
+    """The contrastive launcher of a backend that :func:`resolve` accepted (resolve imported it).
+
+    Read from ``sys.modules``, not through ``dispatch.load_launcher``'s cache: under ``torch.compile``
+    dynamo snapshots that dict at its first read in a frame (e.g. by a logit loss before this one) and
+    does not see the entry ``resolve`` (run eagerly) added since, so it would trace ``importlib`` and
+    fail the fullgraph compile.
+    """
+    module, attr = LAUNCHERS["contrastive"][name].split(":")
+    return getattr(sys.modules[module], attr)
+
+
 def _check_tau(tau) -> float:
-    if tau is None or isinstance(tau, bool) or not (isinstance(tau, (int, float)) and tau > 0 and math.isfinite(tau)):
+    """A finite positive τ (a symbolic τ under ``torch.compile`` is checked by the compiled graph)."""
+    if tau is None or isinstance(tau, bool) or not isinstance(tau, (int, float)):
         raise ValueError(f"tau must be a finite positive number, got {tau}")
-    return float(tau)
+    return positive("tau", tau)
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float = 0.1, *, backend: str = "auto") -> torch.Tensor:
@@ -39,8 +53,7 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float = 0.1, *, backend: str
     name = resolve(backend, a.device, family="contrastive")
     if name == "reference" or a.numel() == 0:
         return reference.info_nce(a, b, tau)
-    launcher, _ = load_launcher("contrastive", name)
-    return launcher.info_nce(a, b, tau)
+    return _launcher(name).info_nce(a, b, tau)
 
 
 def _pool_scales(f: torch.Tensor, scales: Sequence[int]) -> list:
@@ -106,7 +119,7 @@ def msd_contrastive_loss(f_s: torch.Tensor, f_t: torch.Tensor, scales: Sequence[
     name = resolve(backend, f_s.device, family="contrastive")
     if name == "reference" or f_s.numel() == 0 or f_t.numel() == 0:
         return reference.msd_contrastive_loss(f_s, f_t, scales, tau, sample_weight, feature_weight)
-    launcher, _ = load_launcher("contrastive", name)
+    launcher = _launcher(name)
     s_sample, s_feature = msd_groups_packed(f_s, scales)
     t_sample, t_feature = msd_groups_packed(f_t.detach(), scales)
     sample = launcher.info_nce(s_sample, t_sample, tau)

@@ -24,33 +24,73 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 REDUCTIONS = ("batchmean", "sum", "none")
+#: what the KD term reports (``LogitDistill.value``): ``T²·KL(p‖q)``, or the soft cross-entropy
+#: ``T²·(−Σ p·log q) = T²·(KL(p‖q) + H(p))`` — torchtune's ``ForwardKLLoss`` number; same gradient
+VALUES = ("kl", "cross_entropy")
+#: ``value`` as the kernels see it (the ``value`` int field, once the backends carry it)
+VALUE_CODES = {"kl": 0, "cross_entropy": 1}
 RANK_BY = ("student", "teacher")
 #: largest k of the in-kernel top-k (architecture.md §2: k ≤ 64 for the logit methods)
 MAX_TOPK = 64
 
 
-def _positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+def symbolic(value) -> bool:
+    """True when ``value`` may be symbolic: a ``torch.SymFloat``/``SymInt`` (``torch.export``, ``make_fx``)
+    or any number while ``torch.compile`` traces (dynamo shows a ``SymFloat`` as a ``float``; with
+    ``dynamic=True``, or a value that changed between calls under ``dynamic=None``, it is one). Such
+    values are checked with ``torch._check``, which dynamo folds for constants and turns into a run-time
+    assertion of the compiled graph for symbols: no graph break. (Whether the graph then specialises on
+    the value — a recompile when it changes — is up to the op that consumes it.)"""
+    return isinstance(value, (torch.SymFloat, torch.SymInt)) or torch.compiler.is_compiling()
+
+
+def _number(name: str, value, kind=(int, float), kind_name: str = "a float") -> None:
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(f"{name} must be {kind_name}, got {type(value).__name__}")
+
+
+def positive(name: str, value) -> float:
+    """A finite positive float. A symbolic value (see :func:`symbolic`) is returned as it is and checked
+    by the compiled graph (``torch._check``: the same condition, raised as a RuntimeError)."""
+    _number(name, value)
+    if symbolic(value):
+        torch._check(value > 0, lambda: f"{name} must be a finite positive number")
+        torch._check(value < math.inf, lambda: f"{name} must be a finite positive number")
+        return float(value)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite positive number, got {value}")
     return float(value)
 
 
 def _finite(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    """A finite float (symbolic values: checked at run time, see :func:`positive`)."""
+    _number(name, value)
+    if symbolic(value):
+        torch._check(abs(value) < math.inf, lambda: f"{name} must be finite")
+        return float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return float(value)
 
 
 def _int_in(name: str, value, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    """An int in ``[lo, hi]`` (symbolic values: checked at run time, see :func:`positive`)."""
+    _number(name, value, int, "an int")
+    if symbolic(value):
+        torch._check(lo <= value, lambda: f"{name} must be in [{lo}, {hi}]")
+        torch._check(value <= hi, lambda: f"{name} must be in [{lo}, {hi}]")
+        return value
     if not lo <= value <= hi:
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
     return value
+
+
+def _fix_k(largest: int, example: str, lowest: int = 1) -> str:
+    """The end of a k-range error: the value to pass instead (``example`` formatted with ``k=largest``),
+    or that no k fits this number of classes."""
+    if largest < lowest:
+        return ": no k fits this number of classes"
+    return f": pass k <= {largest}, e.g. " + example.format(k=largest)
 
 
 @dataclass(frozen=True)
@@ -96,7 +136,7 @@ class Decoupled:
     def __post_init__(self):
         object.__setattr__(self, "alpha", _finite("alpha", self.alpha))
         object.__setattr__(self, "beta", _finite("beta", self.beta))
-        object.__setattr__(self, "max_weight", _positive("max_weight", self.max_weight))
+        object.__setattr__(self, "max_weight", positive("max_weight", self.max_weight))
 
 
 @dataclass(frozen=True)
@@ -117,7 +157,7 @@ class RankRelation:
             raise ValueError(f"rank_by must be one of {RANK_BY}, got {self.rank_by!r}")
         for name in ("alpha", "beta", "delta", "lam"):
             object.__setattr__(self, name, _finite(name, getattr(self, name)))
-        object.__setattr__(self, "eps", _positive("eps", self.eps))
+        object.__setattr__(self, "eps", positive("eps", self.eps))
 
     def pair_weight(self, r: int, r2: int) -> float:
         """w(r, r') of §5 for 1-based ranks."""
@@ -150,6 +190,11 @@ class LogitDistill:
     ``temperature``: a positive float, a 0-dim tensor or a per-row tensor (leading dims of the
     logits); a tensor with ``requires_grad`` is learnable (CTKD) and receives its exact gradient —
     supported for the temperature-dependent terms ``kd_weight`` (and the T-free ``ce``/``tdl`` terms).
+
+    ``value``: ``"kl"`` (default) reports the KD term as ``kd_weight·T²·KL(p‖q)``; ``"cross_entropy"``
+    as ``kd_weight·T²·(−Σ_c p_c·log q_c)`` = the KL plus the teacher's entropy ``T²·H(p)`` per row
+    (torchtune's ``ForwardKLLoss`` number, to compare logged curves); the gradient is the same. Only
+    for specs whose temperature terms are the plain KD term.
     """
 
     temperature: Temperature = 4.0
@@ -168,6 +213,7 @@ class LogitDistill:
     check: Optional[bool] = None
     inplace: bool = False
     loss_weight: float = 1.0
+    value: str = "kl"
 
     def __post_init__(self):
         T = self.temperature
@@ -175,19 +221,36 @@ class LogitDistill:
             if not T.is_floating_point():
                 raise TypeError(f"temperature tensor must be floating point, got {T.dtype}")
         else:
-            object.__setattr__(self, "temperature", _positive("temperature", T))
+            object.__setattr__(self, "temperature", positive("temperature", T))
         for name in ("kd_weight", "ce_weight", "dtkd_weight", "contrastive_weight", "loss_weight"):
             object.__setattr__(self, name, _finite(name, getattr(self, name)))
-        object.__setattr__(self, "contrastive_tau", _positive("contrastive_tau", self.contrastive_tau))
+        object.__setattr__(self, "contrastive_tau", positive("contrastive_tau", self.contrastive_tau))
         object.__setattr__(self, "teacher_topk_scale", TopKScale.coerce(self.teacher_topk_scale))
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError("ignore_index must be an int")
+        self._check_value()
         if self.learnable_temperature and self.temperature_terms - {"kd"}:
             raise ValueError(
                 "a learnable temperature (tensor with requires_grad) is supported with the KD term "
                 f"only; this spec also has {sorted(self.temperature_terms - {'kd'})}")
+
+    def _check_value(self) -> None:
+        if self.value not in VALUES:
+            raise ValueError(f"value must be one of {VALUES}, got {self.value!r}")
+        if self.value == "kl":
+            return
+        others = sorted(self.temperature_terms - {"kd"})
+        if others:
+            raise ValueError(f"value='cross_entropy' reports the plain KD term as a soft cross-entropy; this "
+                             f"spec also has {others}, which have no such form (use value='kl')")
+        if self.learnable_temperature:  # T²·H(p_T) depends on T: its gradient would differ from the KL's
+            raise ValueError("value='cross_entropy' is a logging convention and is not supported with a "
+                             "learnable temperature (use value='kl')")
+        if "value" not in INT_FIELDS:  # the backends do not carry it yet: refuse rather than ignore it
+            raise NotImplementedError("value='cross_entropy' is not wired into the backends of this build; "
+                                      "add the teacher entropy T²·H(p) per row yourself (same gradient)")
 
     # ---- derived facts (what the backends specialise on) -------------------------------------
     @property
@@ -220,11 +283,15 @@ class LogitDistill:
         if self.decoupled is not None and C < 2:
             raise ValueError("dkd/aekt need at least 2 classes (target vs. non-target)")
         if self.teacher_topk_scale is not None and not self.teacher_topk_scale.k <= C - 1:
-            raise ValueError(f"TopKScale.k must be in [1, C - 1] = [1, {C - 1}], got {self.teacher_topk_scale.k}")
+            raise ValueError(f"TopKScale.k must be in [1, C - 1] = [1, {C - 1}], got {self.teacher_topk_scale.k}"
+                             + _fix_k(C - 1, "kdk.TopKScale(k={k})"))
         if self.relation is not None and not 2 <= self.relation.k <= C - 1:
-            raise ValueError(f"ldrld k must be in [2, C - 1] = [2, {C - 1}], got {self.relation.k}")
+            raise ValueError(f"ldrld k must be in [2, C - 1] = [2, {C - 1}], got {self.relation.k}"
+                             + _fix_k(C - 1, "ldrld_loss(s, t, {k}) or kdk.nn.LDRLDLoss({k})", lowest=2))
         if self.tdl is not None and not 2 * self.tdl.k < C:
-            raise ValueError(f"TDL needs 2k < C (Pos, Neg and Non groups), got k={self.tdl.k}, C={C}")
+            raise ValueError(f"TDL needs 2k < C (Pos, Neg and Non groups), got k={self.tdl.k}, C={C}"
+                             + _fix_k((C - 1) // 2, "topkd_loss(s, t, y, {k}) or kdk.nn.TopKDLoss({k})")
+                             + "; or tdl_weight=0 to drop TDL")
 
     # ---- flat parameter layout shared with the C++ backends ------------------------------------
     def pack(self) -> tuple[list[float], list[int]]:
@@ -248,6 +315,7 @@ class LogitDistill:
             rank_by_teacher=int(rel.rank_by == "teacher"),
             use_tdl=int(self.tdl is not None), tdl_k=tdl.k,
             loss_weight=self.loss_weight, reduction=REDUCTION_CODES[self.reduction],
+            value=VALUE_CODES[self.value],
         )
         return [float(values[f]) for f in FLOAT_FIELDS], [int(values[f]) for f in INT_FIELDS]
 

@@ -334,25 +334,86 @@ if not USE_TRITON_OP:
         return torch.empty_like(a, memory_format=torch.contiguous_format)
 
 
+def _batched_first(x: torch.Tensor, dim, batch_size: int) -> torch.Tensor:
+    """``x`` with its vmapped dimension first (``dim`` None: broadcast over the batch)."""
+    return x.expand(batch_size, *x.shape) if dim is None else x.movedim(dim, 0)
+
+
+def _stats_batched(x: torch.Tensor, dim, batch_size: int) -> torch.Tensor:
+    """Statistics ``[2, G, M]`` with the vmapped dimension second: ``[2, B, G, M]``."""
+    return x.expand(batch_size, *x.shape).movedim(0, 1) if dim is None else x.movedim(dim, 1)
+
+
+def _info_nce_fwd_vmap(info, in_dims, a, b, tau, block_m, block_n, block_d):
+    """vmap rule of ``info_nce_fwd``: the vmapped groups ``[B, G, M, D]`` run as one launch of ``B·G``
+    groups (groups are independent); the statistics ``[2, B·G, M]`` come back batched along dim 1."""
+    B = info.batch_size
+    a, b = _batched_first(a, in_dims[0], B), _batched_first(b, in_dims[1], B)
+    G, M, D = a.shape[1:]
+    outs = torch.ops.kdkernels.info_nce_fwd(a.reshape(B * G, M, D), b.reshape(B * G, M, D), tau,
+                                            block_m, block_n, block_d)
+    return tuple(o.reshape(2, B, G, M) for o in outs), (1, 1, 1)
+
+
+def _info_nce_bwd_vmap(info, in_dims, grad_out, a, b, lse, rn, tau, block_m, block_n, block_d):
+    """vmap rule of ``info_nce_bwd``: one launch over the ``B·G`` groups with a unit ``grad_out``, then
+    each batch entry scaled by its own ``grad_out`` (the kernel reads one scalar) and by ``B`` (the
+    kernel's κ divides by the number of groups it sees, ``B·G``, where each entry's loss has ``G``)."""
+    B = info.batch_size
+    a, b = _batched_first(a, in_dims[1], B), _batched_first(b, in_dims[2], B)
+    G, M, D = a.shape[1:]
+    lse, rn = _stats_batched(lse, in_dims[3], B), _stats_batched(rn, in_dims[4], B)
+    unit = torch.ones((), dtype=lse.dtype, device=a.device)
+    grad = torch.ops.kdkernels.info_nce_bwd(unit, a.reshape(B * G, M, D), b.reshape(B * G, M, D),
+                                            lse.reshape(2, B * G, M), rn.reshape(2, B * G, M),
+                                            tau, block_m, block_n, block_d).reshape(B, G, M, D)
+    scale = _batched_first(grad_out, in_dims[0], B).to(grad.dtype) * B
+    return grad * scale.reshape(B, 1, 1, 1), 0
+
+
+if hasattr(torch.library, "register_vmap"):
+    torch.library.register_vmap("kdkernels::info_nce_fwd", _info_nce_fwd_vmap)
+    torch.library.register_vmap("kdkernels::info_nce_bwd", _info_nce_bwd_vmap)
+
+
 class InfoNCEFunction(torch.autograd.Function):
-    """Fused InfoNCE: forward = one launch (row and column LSEs), backward = one launch (∂/∂a)."""
+    """Fused InfoNCE: forward = one launch (row and column LSEs), backward = one launch (∂/∂a).
+
+    ``forward`` takes no ``ctx`` (``setup_context`` saves what backward needs), so ``torch.func.grad``,
+    ``vjp`` and ``vmap`` work; the per-row statistics are extra (non-differentiable) outputs because
+    ``setup_context`` may only save inputs and outputs. vmap runs through the ops' own vmap rules
+    (``generate_vmap_rule``): a vmapped call is still one forward and one backward launch.
+    """
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, a, b, tau, block_m=0, block_n=0, block_d=0):
+    def forward(a, b, tau, block_m=0, block_n=0, block_d=0):
         G, M, _ = a.shape
         terms, lse, rn = torch.ops.kdkernels.info_nce_fwd(a, b, tau, block_m, block_n, block_d)
+        return terms.sum() * (0.5 / (G * M)), lse, rn
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, b, tau, block_m, block_n, block_d = inputs
+        _, lse, rn = output
+        ctx.mark_non_differentiable(lse, rn)
         ctx.save_for_backward(a, b, lse, rn)
         ctx.args = (tau, block_m, block_n, block_d)
-        return terms.sum() * (0.5 / (G * M))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_lse, _grad_rn):
         if not ctx.needs_input_grad[0]:
             return (None,) * 6
         a, b, lse, rn = ctx.saved_tensors
         grad = torch.ops.kdkernels.info_nce_bwd(grad_out, a, b, lse, rn, *ctx.args)
         return grad, None, None, None, None, None
+
+    @classmethod
+    def loss(cls, a, b, tau, block_m=0, block_n=0, block_d=0) -> torch.Tensor:
+        """The 0-dim loss (the statistics outputs dropped)."""
+        return cls.apply(a, b, tau, block_m, block_n, block_d)[0]
 
 
 class _Launcher:
@@ -379,7 +440,7 @@ class _Launcher:
         if a.dim() != 3 or a.shape != b.shape:
             raise ValueError(f"info_nce expects a and b of the same shape [G, M, D], got "
                              f"{tuple(a.shape)} and {tuple(b.shape)}")
-        return InfoNCEFunction.apply(a, b.detach(), float(tau), int(block_m), int(block_n), int(block_d))
+        return InfoNCEFunction.loss(a, b.detach(), float(tau), int(block_m), int(block_n), int(block_d))
 
 
 launcher = _Launcher()
