@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -46,6 +47,9 @@ _cache: dict = {}
 def load_launcher(family: str, name: str):
     """(launcher, None) or (None, reason) for a fused backend of a kernel family."""
     key = (family, name)
+    if torch.compiler.is_compiling():  # traced: resolve() imported it eagerly; dynamo must not trace importlib
+        module, attr = LAUNCHERS[family][name].split(":")
+        return getattr(sys.modules[module], attr), None
     if key not in _cache:
         target = LAUNCHERS.get(family, {}).get(name)
         if target is None:

@@ -66,6 +66,8 @@ def logit_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
             t2d = t2d.contiguous()
         launcher, _ = load_launcher("logit", name)
         loss = fused_logit_distill(s2d, t2d.detach(), labels, temperature, packed(spec), launcher)
+        if spec.value == "cross_entropy":
+            loss = loss + _teacher_entropy(t2d, labels, spec, temperature)
         if t.requires_grad and torch.is_grad_enabled():
             loss = loss + _teacher_gradient_term(s2d, t2d, labels, spec, temperature)
     if spec.reduction == "none":
@@ -84,6 +86,14 @@ def packed(spec: LogitDistill):
     if cached is None:
         cached = spec.__dict__["_packed"] = spec.packed()
     return cached
+
+
+def _teacher_entropy(t2d, labels, spec: LogitDistill, temperature) -> torch.Tensor:
+    """``value="cross_entropy"`` on a fused backend: the teacher's entropy term, reduced like the loss (an
+    extra eager pass over the teacher; the student's gradient is unchanged). The teacher is detached: a
+    teacher that requires grad gets the whole loss's gradient from ``_teacher_gradient_term``."""
+    rows = reference.teacher_entropy_rows(t2d.detach(), labels, spec, temperature)
+    return reference.reduce_rows(rows, labels, spec)
 
 
 def _teacher_gradient_term(s2d, t2d, labels, spec: LogitDistill, temperature) -> torch.Tensor:

@@ -48,6 +48,12 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------
 # building blocks
 # ---------------------------------------------------------------------------------------------
+def entropy_rows(log_p: torch.Tensor) -> torch.Tensor:
+    """−Σ_c p_c log p_c per row, with 0·log 0 = 0."""
+    p = log_p.exp()
+    return -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
+
+
 def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """Σ_c p_c (log p_c − log q_c) per row, with 0·log 0 = 0 (so −inf entries are harmless)."""
     p = log_p.exp()
@@ -242,6 +248,34 @@ def row_classes(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, bad: torc
     return live, nan_rows
 
 
+def teacher_transform(t: torch.Tensor, spec: LogitDistill, y: Optional[torch.Tensor]) -> torch.Tensor:
+    """The teacher logits the terms see: standardised, then TopKScale'd (each when the spec asks)."""
+    if spec.standardize:
+        t = standardize(t)
+    if spec.teacher_topk_scale is not None:
+        t = topk_scale(t, spec.teacher_topk_scale, y)
+    return t
+
+
+def teacher_entropy_rows(t: torch.Tensor, labels: Optional[torch.Tensor], spec: LogitDistill,
+                         temperature: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``loss_weight·kd_weight·T²·H(p)`` per row: what ``value="cross_entropy"`` adds to the KD term (0 on
+    ignored and fully masked rows, NaN on non-finite ones). No student involved: its gradient is the
+    teacher's only (kept when ``t`` requires grad)."""
+    N, C = t.shape
+    acc = acc_dtype(t.dtype)
+    t_in = t.to(acc)
+    valid, bad, y = label_masks(labels, N, C, spec.ignore_index, t.device)
+    live, nan_rows = row_classes(t_in.detach(), t_in.detach(), valid, bad)
+    T = (temperature if temperature is not None else
+         torch.full((N,), float(spec.temperature), dtype=acc, device=t.device)).to(acc).reshape(N, 1)
+    t_live = torch.where(live.unsqueeze(-1), t_in, torch.zeros_like(t_in))
+    zt = scaled(teacher_transform(t_live, spec, y if labels is not None else None), T)
+    rows = spec.loss_weight * spec.kd_weight * (T * T).squeeze(-1) * entropy_rows(torch.log_softmax(zt, -1))
+    rows = torch.where(live, rows, torch.zeros_like(rows))
+    return torch.where(nan_rows, torch.full_like(rows, math.nan), rows)
+
+
 def logit_distill_rows(s: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor],
                        spec: LogitDistill, temperature: Optional[torch.Tensor] = None, *,
                        teacher_grad: bool = False) -> torch.Tensor:
@@ -268,14 +302,15 @@ def logit_distill_rows(s: torch.Tensor, t: torch.Tensor, labels: Optional[torch.
     s, t = s_raw, torch.where(keep, t_in, torch.zeros_like(t_in))
 
     if spec.standardize:
-        s, t = standardize(s), standardize(t)
-    if spec.teacher_topk_scale is not None:
-        t = topk_scale(t, spec.teacher_topk_scale, y if labels is not None else None)
+        s = standardize(s)
+    t = teacher_transform(t, spec, y if labels is not None else None)
 
     zs, zt = scaled(s, T), scaled(t, T)
     rows = torch.zeros(N, dtype=acc, device=s.device)
     if spec.kd_weight != 0:
         rows = rows + spec.kd_weight * T2 * clamp_kl(kl_rows(torch.log_softmax(zt, -1), torch.log_softmax(zs, -1)))
+        if spec.value == "cross_entropy":  # torchtune's number: KL + the teacher's entropy (same gradient)
+            rows = rows + spec.kd_weight * T2 * entropy_rows(torch.log_softmax(zt, -1))
     if spec.ce_weight != 0:
         ce = s_raw.logsumexp(-1) - s_raw.gather(1, y.unsqueeze(-1)).squeeze(-1)
         rows = rows + spec.ce_weight * ce
@@ -312,13 +347,18 @@ def logit_distill(s: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tenso
     their sum over ``max(count, 1)`` with ``count`` the rows whose label is not ``ignore_index`` (counted
     on the device: no host sync)."""
     rows = spec.loss_weight * logit_distill_rows(s, t, labels, spec, temperature, teacher_grad=teacher_grad)
+    return reduce_rows(rows, labels, spec)
+
+
+def reduce_rows(rows: torch.Tensor, labels: Optional[torch.Tensor], spec: LogitDistill) -> torch.Tensor:
+    """``spec.reduction`` of per-row losses: as is, their sum, or their sum over the valid-row count."""
     if spec.reduction == "none":
         return rows
     total = rows.sum()
     if spec.reduction == "sum":
         return total
     if labels is None:
-        return total / max(s.shape[0], 1)
+        return total / max(rows.shape[0], 1)
     return total / (labels != spec.ignore_index).sum().clamp(min=1).to(total.dtype)
 
 

@@ -248,9 +248,6 @@ class LogitDistill:
         if self.learnable_temperature:  # T²·H(p_T) depends on T: its gradient would differ from the KL's
             raise ValueError("value='cross_entropy' is a logging convention and is not supported with a "
                              "learnable temperature (use value='kl')")
-        if "value" not in INT_FIELDS:  # the backends do not carry it yet: refuse rather than ignore it
-            raise NotImplementedError("value='cross_entropy' is not wired into the backends of this build; "
-                                      "add the teacher entropy T²·H(p) per row yourself (same gradient)")
 
     # ---- derived facts (what the backends specialise on) -------------------------------------
     @property

@@ -54,9 +54,12 @@ def test_opcheck_triton_engine_ops(gen):
     s = torch.randn(3, 10, generator=gen)
     t = torch.randn(3, 10, generator=gen)
     y = torch.tensor([1, -100, 4])
+    from kdkernels._triton.engine import param_tensor
     floats, ints = kdk.LogitDistill(kd_weight=0.0, decoupled=kdk.Decoupled(1.0, 8.0)).pack()
+    params = param_tensor(floats, s.device, torch.float32)
+    ticket = torch.zeros(1, dtype=torch.int32)
     torch.library.opcheck(torch.ops.kdkernels.triton_logit_distill.default,
-                          (s, t, y, None, torch.empty_like(s), None, 1 / 3, floats, ints, False))
+                          (s, t, y, None, torch.empty_like(s), None, params, ticket, floats, ints, False))
     torch.library.opcheck(torch.ops.kdkernels.triton_scale_rows_.default,
                           (torch.randn(3, 10, generator=gen), torch.tensor([2.0, 1.0, 0.5])))
 

@@ -403,12 +403,7 @@ def test_value_option_is_validated():
 
 
 def test_value_cross_entropy_is_torchtunes_number_or_refused(gen):
-    """Until the backends carry the ``value`` field the option is refused (never silently ignored); once
-    they do, it equals torchtune's ForwardKLLoss on every backend here, with the KL's gradient."""
-    if "value" not in INT_FIELDS:
-        with pytest.raises(NotImplementedError, match="value='cross_entropy' is not wired"):
-            LogitDistill(value="cross_entropy")
-        return
+    """value="cross_entropy" equals torchtune's ForwardKLLoss on every backend here, with the KL's gradient."""
     s, t, labels = _tokens(gen)
     spec = LogitDistill(temperature=1.0, value="cross_entropy")
     backends = [R] + [b for b in ("cpu", "triton") if unavailable_reason(b, torch.device("cpu")) is None]
