@@ -47,8 +47,10 @@ _cache: dict = {}
 def load_launcher(family: str, name: str):
     """(launcher, None) or (None, reason) for a fused backend of a kernel family."""
     key = (family, name)
-    if torch.compiler.is_compiling():  # traced: resolve() imported it eagerly; dynamo must not trace importlib
-        module, attr = LAUNCHERS[family][name].split(":")
+    target = LAUNCHERS.get(family, {}).get(name)
+    if target is not None and torch.compiler.is_compiling() and target.split(":")[0] in sys.modules:
+        # traced: resolve() imported it eagerly, and dynamo must not trace importlib
+        module, attr = target.split(":")
         return getattr(sys.modules[module], attr), None
     if key not in _cache:
         target = LAUNCHERS.get(family, {}).get(name)
