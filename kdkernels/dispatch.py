@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 from typing import Optional
 
 import torch
@@ -47,11 +46,6 @@ _cache: dict = {}
 def load_launcher(family: str, name: str):
     """(launcher, None) or (None, reason) for a fused backend of a kernel family."""
     key = (family, name)
-    target = LAUNCHERS.get(family, {}).get(name)
-    if target is not None and torch.compiler.is_compiling() and target.split(":")[0] in sys.modules:
-        # traced: resolve() imported it eagerly, and dynamo must not trace importlib
-        module, attr = target.split(":")
-        return getattr(sys.modules[module], attr), None
     if key not in _cache:
         target = LAUNCHERS.get(family, {}).get(name)
         if target is None:
