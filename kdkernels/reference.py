@@ -243,17 +243,19 @@ def row_classes(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, bad: torc
 
 
 def logit_distill_rows(s: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor],
-                       spec: LogitDistill, temperature: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       spec: LogitDistill, temperature: Optional[torch.Tensor] = None, *,
+                       teacher_grad: bool = False) -> torch.Tensor:
     """Per-row losses ``[N]`` of ``spec`` on logits ``[N, C]`` (without ``spec.loss_weight``; ignored and
     fully masked rows 0, bad-label and non-finite rows NaN — see the module docstring).
 
     ``temperature``: optional per-row tensor ``[N]`` that overrides ``spec.temperature`` (it keeps its
-    autograd history, so a learnable temperature gets its gradient from autograd).
+    autograd history, so a learnable temperature gets its gradient from autograd). ``teacher_grad``: keep
+    the teacher in the graph (online/mutual distillation); by default it is a constant (§0).
     """
     N, C = s.shape
     acc = acc_dtype(s.dtype)
     s_in = s.to(acc)
-    t_in = t.detach().to(acc)
+    t_in = (t if teacher_grad else t.detach()).to(acc)
     valid, bad, y = label_masks(labels, N, C, spec.ignore_index, s.device)
     live, nan_rows = row_classes(s_in, t_in, valid, bad)
     if temperature is None:
@@ -300,15 +302,17 @@ def logit_distill_rows(s: torch.Tensor, t: torch.Tensor, labels: Optional[torch.
     # NaN rows: NaN loss and a NaN gradient on every column (and T), without touching the other rows:
     # their factor is exactly 0 and their probe input a constant 0
     nan_factor = torch.where(nan_rows, math.nan, 0.0).to(acc)
-    probe = torch.where(nan_rows.unsqueeze(-1), s_in, torch.zeros_like(s_in)).sum(-1) + T.squeeze(-1)
+    nan_keep = nan_rows.unsqueeze(-1)
+    probe = (torch.where(nan_keep, s_in, torch.zeros_like(s_in)).sum(-1) + T.squeeze(-1)
+             + torch.where(nan_keep, t_in, torch.zeros_like(t_in)).sum(-1))
     return rows + nan_factor * probe
 
 
 def logit_distill(s: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor], spec: LogitDistill,
-                  temperature: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  temperature: Optional[torch.Tensor] = None, *, teacher_grad: bool = False) -> torch.Tensor:
     """The loss of the launcher contract: ``loss_weight · ℓ_n`` per row (reduction none), their sum, or
     their sum over ``max(count, 1)`` with ``count`` the rows whose label is not ``ignore_index``."""
-    rows = spec.loss_weight * logit_distill_rows(s, t, labels, spec, temperature)
+    rows = spec.loss_weight * logit_distill_rows(s, t, labels, spec, temperature, teacher_grad=teacher_grad)
     if spec.reduction == "none":
         return rows
     total = rows.sum()

@@ -29,6 +29,7 @@ import torch
 import kdkernels as kdk
 from kdkernels import spec as spec_mod
 from kdkernels.dispatch import unavailable_reason
+from kdkernels.engine import fused_logit_distill
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_REASON = unavailable_reason("cpu", torch.device("cpu"))
@@ -39,6 +40,13 @@ DT_ID = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16"}
 #: max|Δgrad| ≤ tol·max|grad_ref|. The floor covers rows whose KL is a small difference of O(1) terms
 #: (ill-conditioned in float32 for any implementation, the float32 reference included).
 TOL = {torch.float64: (1e-10, 1e-10, 1e-3), torch.float32: (1e-5, 1e-5, 1e-2), torch.bfloat16: (2e-2, 2e-2, 1e-2)}
+
+
+@pytest.fixture(autouse=True)
+def _repeatable_backward():
+    """gradcheck differentiates each graph many times: keep the logits (an opt-in of the Function)."""
+    with kdk.repeatable_backward():
+        yield
 
 
 def presets(C: int) -> dict:
@@ -394,6 +402,9 @@ def test_cuda_path_simulated_gradient_is_the_derivative(name, gen):
             fd[n, c] = (sim.forward(hi, t, y, None, spec, None, None)[0]
                         - sim.forward(lo, t, y, None, spec, None, None)[0]) / (2 * eps)
     assert (grad - fd).abs().max() <= 1e-6 * max(1.0, fd.abs().max().item())
+    x = s.clone().requires_grad_()  # and through the autograd Function (repeatable_backward: autouse fixture)
+    assert torch.autograd.gradcheck(lambda z: fused_logit_distill(z, t, y, None, spec, sim), (x,),
+                                    eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
