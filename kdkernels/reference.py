@@ -228,12 +228,14 @@ def label_masks(labels: Optional[torch.Tensor], N: int, C: int, ignore_index: in
     return valid, valid & ~in_range, torch.where(in_range, labels, torch.zeros_like(labels))
 
 
+def poisoned(x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` [N, C] holding a NaN or a +inf."""
+    return (torch.isnan(x) | (x == math.inf)).any(-1)
+
+
 def row_classes(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, bad: torch.Tensor):
     """(live, nan_rows): rows computed by the formulas, and rows whose loss and gradient are NaN (a bad
     label, or a NaN / +inf in the student or teacher). The rest (ignored or fully masked) are 0."""
-    def poisoned(x):
-        return (torch.isnan(x) | (x == math.inf)).any(-1)
-
     def fully_masked(x):
         return (x == -math.inf).all(-1)
 
@@ -271,6 +273,10 @@ def logit_distill_rows(s: torch.Tensor, t: torch.Tensor, labels: Optional[torch.
         s, t = standardize(s), standardize(t)
     if spec.teacher_topk_scale is not None:
         t = topk_scale(t, spec.teacher_topk_scale, y if labels is not None else None)
+    # a transform that overflowed (huge finite logits) leaves a NaN / +inf: that row is NaN, as on the
+    # fused backends (which check the transformed row)
+    late = live & (poisoned(s.detach()) | poisoned(t.detach()))
+    nan_rows, live = nan_rows | late, live & ~late
 
     zs, zt = scaled(s, T), scaled(t, T)
     rows = torch.zeros(N, dtype=acc, device=s.device)
