@@ -14,8 +14,9 @@
 
 namespace kd {
 
-//: row n of L on the block `ex` (every lane calls it; the leader writes the row outputs)
-template <class S, class Tt, class A, class Cvt, class Exec>
+//: row n of L on the block `ex` (every lane calls it; the leader writes the row outputs); kTopK: false
+//: only for specs without top-k (needs_topk)
+template <class S, class Tt, class A, class Cvt, bool kTopK = true, class Exec>
 KD_FN void run_block_row(const Exec& ex, RowShared<A>& sh, const KdLaunch& L, int64_t n,
                          unsigned long long count) {
   StreamView<S, Tt, A, Cvt> v;
@@ -32,7 +33,7 @@ KD_FN void run_block_row(const Exec& ex, RowShared<A>& sh, const KdLaunch& L, in
   io.want_dtemp = L.dtemp != nullptr;
   io.grad_scale = row_factor<A>(L, n) * rscale;
   io.loss = io.dtemp = A(0);
-  distill_row(ex, v, sh, L.params, io);
+  distill_row<kTopK>(ex, v, sh, L.params, io);
   if (ex.leader()) {
     static_cast<A*>(L.row_loss)[n] = static_cast<A>(L.params.loss_weight) * io.loss;
     if (L.dtemp) static_cast<A*>(L.dtemp)[n] = rscale * io.dtemp;

@@ -608,8 +608,13 @@ KD_FN void p6_write(const Exec& ex, View& v, const RowShared<A>& sh, const RowSt
   }
 }
 
-//: one row of the engine: the driver over the passes above (losses.md; the header comment of this file)
-template <class Exec, class View, class A>
+//: the spec selects a top-k somewhere (TSM, LDRLD's set, TDL's groups)
+KD_HD bool needs_topk(const KdParams& P) { return P.use_tsm != 0 || P.use_relation != 0 || P.use_tdl != 0; }
+
+//: one row of the engine: the driver over the passes above (losses.md; the header comment of this file).
+//: kTopK = false compiles the engine without its top-k machinery (per-lane lists, merges, sparse columns)
+//: for specs where needs_topk(P) is false (the CUDA kernels' specialisation; the CPU twin keeps one).
+template <bool kTopK = true, class Exec, class View, class A>
 KD_FN void distill_row(const Exec& ex, View& v, RowShared<A>& sh, const KdParams& P, RowIO<A>& io) {
   const int C = io.C;
   // ---- labels: ignored rows are 0, bad labels NaN (never read out of bounds) --------------------
@@ -625,23 +630,25 @@ KD_FN void distill_row(const Exec& ex, View& v, RowShared<A>& sh, const KdParams
   rs.kd = P.kd_weight != 0;
   rs.dec = P.use_decoupled != 0;
   rs.dtkd = P.dtkd_weight != 0;
-  rs.rel = P.use_relation != 0;
-  rs.tdl = P.use_tdl != 0;
+  rs.rel = kTopK && P.use_relation != 0;
+  rs.tdl = kTopK && P.use_tdl != 0;
   rs.full = rs.kd || rs.dec;
   rs.want_dtemp = io.want_dtemp;
   const bool by_teacher = P.rank_by_teacher != 0;
 
   const RawStats<A> raw = p0_raw_stats(ex, v, rs, C, y, P.standardize != 0, P.ce_weight != 0);
-  if (P.use_tsm) p1_tsm(ex, v, sh, P, io, C, y);
-  // ---- P2: selections: LDRLD's I (by s̃ or t'), TDL's Pos then Neg (by t') ------------------------
-  if (rs.rel) {
-    if (by_teacher) ex.topk([&](int c) { return v.t(c); }, C, static_cast<int>(P.rel_k), sh.rel);
-    else ex.topk([&](int c) { return v.s(c); }, C, static_cast<int>(P.rel_k), sh.rel);
-  }
-  if (rs.tdl) {
-    const int k = static_cast<int>(P.tdl_k);
-    ex.topk([&](int c) { return v.t(c); }, C, k, sh.pos);
-    ex.topk([&](int c) { const A b = v.t(c); return neg_key(sh.pos.contains(b, c), b); }, C, k, sh.neg);
+  if constexpr (kTopK) {
+    if (P.use_tsm) p1_tsm(ex, v, sh, P, io, C, y);
+    // ---- P2: selections: LDRLD's I (by s̃ or t'), TDL's Pos then Neg (by t') ----------------------
+    if (rs.rel) {
+      if (by_teacher) ex.topk([&](int c) { return v.t(c); }, C, static_cast<int>(P.rel_k), sh.rel);
+      else ex.topk([&](int c) { return v.s(c); }, C, static_cast<int>(P.rel_k), sh.rel);
+    }
+    if (rs.tdl) {
+      const int k = static_cast<int>(P.tdl_k);
+      ex.topk([&](int c) { return v.t(c); }, C, k, sh.pos);
+      ex.topk([&](int c) { const A b = v.t(c); return neg_key(sh.pos.contains(b, c), b); }, C, k, sh.neg);
+    }
   }
   const RowMaxima<A> m = p3_maxima(ex, v, sh, rs, C, by_teacher);
   if (!(m.poison == A(0))) return fill_row(ex, v, io, knan<A>());        // a NaN or +inf in s̃ or t'

@@ -38,11 +38,12 @@ template <class S, class Tt, class A>
 void sim_forward_typed(const KdLaunch& L, int lanes) {
   unsigned long long count = 0;
   for (int64_t n = 0; n < L.N; ++n) count += row_counted(L, n) ? 1ull : 0ull;
-  const bool two_pass_kd = use_two_pass_kd<S, Tt>(L);
+  const bool two_pass_kd = use_two_pass_kd<S, Tt>(L), topk = needs_topk(L.params);
   for (int64_t n = 0; n < L.N; ++n)
     on_block<A>(lanes, [&](const SimExec<A>& ex, SimBlock<A>& block) {
       if (two_pass_kd) run_block_row_kd<S, Tt, A, HostCvt>(ex, L, n, count);
-      else run_block_row<S, Tt, A, HostCvt>(ex, block.sh, L, n, count);
+      else if (topk) run_block_row<S, Tt, A, HostCvt, true>(ex, block.sh, L, n, count);
+      else run_block_row<S, Tt, A, HostCvt, false>(ex, block.sh, L, n, count);
     });
   if (L.params.reduction == kReduceNone) return;
   const A* rows = static_cast<const A*>(L.row_loss);

@@ -234,12 +234,14 @@ def label_masks(labels: Optional[torch.Tensor], N: int, C: int, ignore_index: in
     return valid, valid & ~in_range, torch.where(in_range, labels, torch.zeros_like(labels))
 
 
+def poisoned(x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` [N, C] holding a NaN or a +inf."""
+    return (torch.isnan(x) | (x == math.inf)).any(-1)
+
+
 def row_classes(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, bad: torch.Tensor):
     """(live, nan_rows): rows computed by the formulas, and rows whose loss and gradient are NaN (a bad
     label, or a NaN / +inf in the student or teacher). The rest (ignored or fully masked) are 0."""
-    def poisoned(x):
-        return (torch.isnan(x) | (x == math.inf)).any(-1)
-
     def fully_masked(x):
         return (x == -math.inf).all(-1)
 
@@ -304,6 +306,10 @@ def logit_distill_rows(s: torch.Tensor, t: torch.Tensor, labels: Optional[torch.
     if spec.standardize:
         s = standardize(s)
     t = teacher_transform(t, spec, y if labels is not None else None)
+    # a transform that overflowed (huge finite logits) leaves a NaN / +inf: that row is NaN, as on the
+    # fused backends (which check the transformed row)
+    late = live & (poisoned(s.detach()) | poisoned(t.detach()))
+    nan_rows, live = nan_rows | late, live & ~late
 
     zs, zt = scaled(s, T), scaled(t, T)
     rows = torch.zeros(N, dtype=acc, device=s.device)
@@ -337,7 +343,9 @@ def logit_distill_rows(s: torch.Tensor, t: torch.Tensor, labels: Optional[torch.
     # NaN rows: NaN loss and a NaN gradient on every column (and T), without touching the other rows:
     # their factor is exactly 0 and their probe input a constant 0
     nan_factor = torch.where(nan_rows, math.nan, 0.0).to(acc)
-    probe = torch.where(nan_rows.unsqueeze(-1), s_in, torch.zeros_like(s_in)).sum(-1) + T.squeeze(-1)
+    nan_keep = nan_rows.unsqueeze(-1)
+    probe = (torch.where(nan_keep, s_in, torch.zeros_like(s_in)).sum(-1) + T.squeeze(-1)
+             + torch.where(nan_keep, t_in, torch.zeros_like(t_in)).sum(-1))
     return rows + nan_factor * probe
 
 

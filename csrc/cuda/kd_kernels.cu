@@ -9,7 +9,8 @@
 //                               then takes a ticket (atomicAdd after a __threadfence), and the block that
 //                               draws the last one sums all row losses in a fixed order (deterministic).
 // Reduction none skips the prologue: one kernel. The row kernel is forward_kd_kernel (kd_row_kd.h: two
-// passes, 16-byte loads, no top-k machinery) for plain-KD specs on aligned rows, else forward_kernel.
+// passes, 16-byte loads, no top-k machinery) for plain-KD specs on aligned rows, else forward_kernel,
+// compiled without the top-k machinery for specs that select no top-k (DKD, AEKT, DTKD, standardize, CE).
 //
 // Block size by row length: 32 threads up to C = 64, 128 up to 1024, 256 up to 16384, 512 beyond
 // (the row is streamed in strided column tiles; registers bound the block at 512 for the fp64 path).
@@ -71,13 +72,14 @@ __device__ __forceinline__ unsigned long long launch_count(const KdLaunch& L) {
   return L.params.reduction != kReduceNone ? static_cast<const KdScratch*>(L.scratch)->count : 0ull;
 }
 
-//: the general engine: any spec, one block per row (kd_row.h over a StreamView)
-template <class S, class Tt, class A>
+//: the general engine: any spec (kTopK) or any spec without top-k terms (!kTopK), one block per row
+//: (kd_row.h over a StreamView)
+template <class S, class Tt, class A, bool kTopK>
 __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KdLaunch L) {
   __shared__ RowShared<A> sh;
   const unsigned long long count = launch_count(L);
   const GpuExec<A> ex{&sh};
-  run_block_row<S, Tt, A, CudaCvt>(ex, sh, L, blockIdx.x, count);
+  run_block_row<S, Tt, A, CudaCvt, kTopK>(ex, sh, L, blockIdx.x, count);
   if (L.params.reduction != kReduceNone) reduce_if_last<A>(ex, L, count);
 }
 
@@ -107,7 +109,8 @@ int launch_forward(const KdLaunch& L, cudaStream_t stream) {
   if (L.params.reduction != kReduceNone) prepare_kernel<<<1, kPrepareThreads, 0, stream>>>(L);
   const dim3 grid(static_cast<unsigned>(L.N)), block(block_threads(L.C));
   if (use_two_pass_kd<S, Tt>(L)) forward_kd_kernel<S, Tt, A><<<grid, block, 0, stream>>>(L);
-  else forward_kernel<S, Tt, A><<<grid, block, 0, stream>>>(L);
+  else if (needs_topk(L.params)) forward_kernel<S, Tt, A, true><<<grid, block, 0, stream>>>(L);
+  else forward_kernel<S, Tt, A, false><<<grid, block, 0, stream>>>(L);
   return static_cast<int>(cudaGetLastError());
 }
 
