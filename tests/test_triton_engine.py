@@ -188,8 +188,7 @@ def test_mixed_dtypes_load_each_operand_in_its_own_dtype(s_dtype, t_dtype, block
 
 
 # ---- numeric semantics (BRIEF / issue 9) ------------------------------------------------------------
-@pytest.mark.parametrize("block_c", [None, 16])
-@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("bad_value,block_c", [(float("nan"), None), (float("inf"), 16)])
 def test_nan_and_inf_propagate_to_their_row_only(bad_value, block_c, gen):
     s, t, y = make_inputs(gen, 4, 40, torch.float32, ignore=False, masked=False)
     s[0, 7] = bad_value
@@ -337,3 +336,42 @@ def test_bad_label_row_is_nan(gen):
     y[0] = 10
     loss, grad, _ = fused(s, t, y, presets(10)["dkd"].replace(reduction="none"))
     assert torch.isnan(loss[0]) and torch.isnan(grad[0]).all() and loss[1] == 0 and torch.isfinite(loss[2])
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_opcheck_engine_op(reduction, gen):
+    """The registered op (custom_op + fake under the interpreter): schema, declared mutations (``grad``
+    and the ticket counter), fake tensor and autograd registration checks."""
+    s, t, y = make_inputs(gen, 3, 10, torch.float32)
+    floats, ints = presets(10)["dkd"].replace(reduction=reduction).pack()
+    params = E.param_tensor(floats, s.device, torch.float32)
+    ticket = torch.zeros(1, dtype=torch.int32) if reduction != "none" else None
+    torch.library.opcheck(torch.ops.kdkernels.triton_logit_distill.default,
+                          (s, t, y, None, torch.empty_like(s), None, params, ticket, floats, ints, False))
+
+
+# ---- on a GPU: the cached ticket counter under real concurrency ---------------------------------------
+@pytest.mark.gpu
+def test_gpu_ticket_cached_per_stream_rearmed_and_reduction_deterministic():
+    """Thousands of programs race for the ticket: the sum is still the reference's, bitwise the same on
+    every call, and the cached counter is back at 0; another stream gets its own counter."""
+    if unavailable_reason("triton", torch.device("cuda")) is not None:
+        pytest.skip("Triton cannot run on CUDA here")
+    gen = torch.Generator().manual_seed(7)
+    N, C = 4096, 1000
+    s = torch.randn(N, C, generator=gen).cuda()
+    t = torch.randn(N, C, generator=gen).cuda()
+    y = torch.randint(0, C, (N,), generator=gen).cuda()
+    y[::5] = -100
+    spec = presets(C)["dkd"]
+    counter = E.launcher.ticket(s.device)
+    assert counter is E.launcher.ticket(s.device)
+    losses = [E.launcher.forward(s, t, y, None, spec.packed(), torch.empty_like(s), None)[0] for _ in range(3)]
+    torch.cuda.synchronize()
+    assert int(counter) == 0
+    assert all(torch.equal(losses[0], x) for x in losses[1:])
+    want = reference(s.cpu(), t.cpu(), y.cpu(), spec)[0]
+    assert abs(float(losses[0]) - float(want)) <= 1e-5 * abs(float(want))
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        assert E.launcher.ticket(s.device) is not counter

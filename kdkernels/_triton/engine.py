@@ -19,15 +19,21 @@ Gradient w.r.t. ``s̃`` (then through ``Z``; CE's goes to the raw logits directl
     T     ∂ℓ/∂T = kd_w·[2T·KL − Σ(q − p)s̃ − Σ t̃·p·(log p − log q − KL)]    (learnable temperature)
 
 Passes over a row (each only when its ``tl.constexpr`` flag needs it; a row of ≤ ``BLOCK_C`` columns is
-read from memory once and kept in registers, longer rows stream in ``BLOCK_C`` blocks):
+read from memory once and kept in registers, longer rows stream in ``BLOCK_C`` blocks). The kernel is a
+short driver (``_logit_distill_kernel`` → ``_distill_row``) over one ``@triton.jit`` helper per pass,
+each documenting what it reads and which row records (tuples, see "row records" below) it produces:
 
-    P1 moments of s and t (standardize)      P2 teacher top-k + mean (TopKScale)
-    P3 online LSE states at T (the non-target ones for DKD/AEKT, the full state then following by
-       merging in the target; raw logits for CE), the student's argmax (DTKD), top-k lists (LDRLD
-       ranking, TDL Pos and the 2k smallest for Neg)
-    P4 LSE states restricted to the complement of the top-k (LDRLD), TDL's Non sums, states at T_s/T_t (DTKD)
-    P5 loss and the row sums the gradient needs (standardize, DTKD's argmax column, learnable T)
-    P6 gradient write (loss too when P5 did not run)
+    P1 _pass_moments       moments of s and t (standardize)
+    P2 _pass_teacher_topk  teacher top-k + means (TopKScale)           → the Transform record
+    P3 _pass_row_stats     RowStats at T, merged block by block with merge_row_stats: LSE states (the
+                           non-target ones for DKD/AEKT, the full ones by merging in the target; raw
+                           logits for CE), the student's argmax (DTKD); top-k lists (LDRLD ranking, TDL)
+       row scalars         _decoupled_row, _dtkd_temperatures, _relation_terms, _tdl_groups
+    P4 _pass_restricted    LSE states of LDRLD's complement and at DTKD's T_s/T_t, TDL's Non sums
+    P5 _pass_sums          loss and the row sums the gradient needs (standardize, DTKD's argmax column,
+                           learnable T)
+    P6 _pass_gradient      gradient write (loss too when P5 did not run); per column, P5 and P6 share
+                           _column_terms
 
 Numerics. An LSE state is kept in the logits' own units (``m`` = max x, ``d`` = Σ exp((x − m)/T)) and
 log-probabilities are ``(x − m)/T − log d``: exact when x/T overflows and when |x|/T ≳ 1e7 (where
@@ -61,8 +67,8 @@ import triton.language as tl
 
 from ..dispatch import interpreting
 from ..spec import FLOAT_FIELDS, INT_FIELDS, REDUCTION_CODES
-from .row_ops import (BIG_IDX, bernoulli_kl, log_prob, lse_init, lse_merge, lse_update, moments_update, pick, ranks,
-                      topk_init, topk_merge)
+from .row_ops import (BIG_IDX, bernoulli_kl, log_prob, lse_init, lse_merge, lse_norm, lse_update, moments_update, pick,
+                      ranks, topk_init, topk_merge)
 
 #: largest row kept in registers (a single pass over memory); longer rows stream in blocks of this size
 MAX_BLOCK_C = 4096
@@ -99,6 +105,233 @@ P_TSM_GT_SCALE = tl.constexpr(_FLOAT_INDEX["tsm_gt_scale"])
 P_LOSS_WEIGHT = tl.constexpr(_FLOAT_INDEX["loss_weight"])
 
 
+# ---- row records ----------------------------------------------------------------------------------
+# Per-row state travels between the passes as small tuples (Triton passes and returns them like scalars):
+#   RowRef     (s_row, t_row, C, s_cache, t_cache)   where the row is; the caches hold a single-block row
+#   Transform  (mean_s, inv_s, mean_t, inv_t, tsm_idx, tsm_mult, tsm_add, tsm_y, tsm_y_mult)
+#              standardisation Z (identity when off) and TopKScale (no column hit when off)
+#   LSE state  (m, d) of row_ops, in the logits' units; finished as (m, log d) by lse_norm
+#   RowStats   (lse_s, lse_t, lse_snt, lse_tnt, lse_raw, v_max, v_arg)   P3's statistics at T: full and
+#              non-target LSE states of s̃/t̃, the raw-logit state (CE, inv_t = 1), the student's
+#              maximum and its first column (DTKD); merged by merge_row_stats — per column block here,
+#              and the same merge serves row splits and vocabulary shards
+#   Lists      (key, idx, s, t) top-k lists of row_ops (LDRLD ranking, TDL Pos and Neg candidates)
+
+
+
+@triton.jit
+def _logit_distill_kernel(
+    s_ptr, t_ptr, labels_ptr, temp_ptr, gfactor_ptr, params_ptr, grad_ptr, row_loss_ptr, loss_ptr, dtemp_ptr,
+    ticket_ptr, N, C, stride_s_row, stride_t_row, stride_g_row, stride_temp, stride_gfactor, ignore_index,
+    HAS_LABELS: tl.constexpr, TEMP_IS_TENSOR: tl.constexpr, HAS_GFACTOR: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, WANT_DTEMP: tl.constexpr, REDUCTION: tl.constexpr,
+    USE_KD: tl.constexpr, USE_CE: tl.constexpr, STANDARDIZE: tl.constexpr,
+    USE_TSM: tl.constexpr, TSM_K: tl.constexpr, USE_DEC: tl.constexpr, ADAPTIVE: tl.constexpr,
+    USE_DTKD: tl.constexpr, USE_REL: tl.constexpr, REL_K: tl.constexpr, RANK_BY_TEACHER: tl.constexpr,
+    USE_TDL: tl.constexpr, TDL_K: tl.constexpr, K_PAD: tl.constexpr, NEG_PAD: tl.constexpr,
+    NEED_SUMS: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr,
+    VEC: tl.constexpr, BATCH_BLOCK: tl.constexpr,
+):
+    """One program per row: the driver over the passes P1–P6, then the batch reduction."""
+    if VEC > 1:
+        # C and the row strides are multiples of VEC (vector_width in the launcher): lets the compiler use vector
+        # loads/stores (e.g. 4 x fp32) for row lengths such as ImageNet's 1000
+        C = C // VEC * VEC  # the same value, now provably a multiple of VEC for the compiler
+        stride_s_row = stride_s_row // VEC * VEC
+        stride_t_row = stride_t_row // VEC * VEC
+        stride_g_row = stride_g_row // VEC * VEC
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * stride_s_row
+    t_row = t_ptr + row * stride_t_row
+    g_row = grad_ptr + row * stride_g_row
+    offs = tl.arange(0, BLOCK_C)
+    zero = tl.full([], 0.0, ACC)
+    loss_w = tl.load(params_ptr + P_LOSS_WEIGHT)
+
+    # every per-row load is issued up front (one dependent memory trip per row); an ignored row's
+    # logits are masked out of the loads, so it reads nothing
+    row_live = offs < C
+    if HAS_LABELS:
+        y = tl.load(labels_ptr + row)
+        ignored = y == ignore_index
+        bad = (y < 0) | (y >= C)
+        y = tl.where(bad, 0, y).to(tl.int32)
+        row_live = row_live & (~ignored)
+    else:
+        y = 0
+        ignored = False
+        bad = False
+    if TEMP_IS_TENSOR:
+        T = tl.load(temp_ptr + row * stride_temp).to(ACC)
+    else:
+        T = tl.load(params_ptr + P_TEMPERATURE)
+    inv_T = 1.0 / T
+    if SINGLE_BLOCK:
+        s_cache = tl.load(s_row + offs, mask=row_live, other=-float("inf")).to(ACC)
+        t_cache = tl.load(t_row + offs, mask=row_live, other=-float("inf")).to(ACC)
+    else:
+        s_cache = tl.zeros([BLOCK_C], ACC)
+        t_cache = tl.zeros([BLOCK_C], ACC)
+    ref = (s_row, t_row, C, s_cache, t_cache)
+
+    # the row's share of the returned loss: loss_weight, and 1/count for batchmean
+    count = N
+    HAVE_COUNT: tl.constexpr = REDUCTION == REDUCTION_BATCHMEAN and (WRITE_GRAD or WANT_DTEMP)
+    row_scale = loss_w
+    if HAVE_COUNT:
+        count = _count_valid_rows(labels_ptr, N, ignore_index, HAS_LABELS, BATCH_BLOCK)
+        row_scale = loss_w / tl.maximum(count, 1).to(ACC)
+    g_scale = row_scale
+    if HAS_GFACTOR:
+        g_scale = row_scale * tl.load(gfactor_ptr + row * stride_gfactor).to(ACC)
+
+    loss = zero
+    dtemp = zero
+    if ignored:
+        if WRITE_GRAD:
+            for start in range(0, C, BLOCK_C):
+                cols = start + offs
+                tl.store(g_row + cols, tl.zeros([BLOCK_C], ACC).to(grad_ptr.dtype.element_ty), mask=cols < C)
+    else:
+        loss, dtemp = _distill_row(ref, offs, y, bad, T, inv_T, g_row, g_scale, row_scale, params_ptr, zero,
+                                   HAS_LABELS, WRITE_GRAD, WANT_DTEMP, USE_KD, USE_CE, STANDARDIZE, USE_TSM, TSM_K,
+                                   USE_DEC, ADAPTIVE, USE_DTKD, USE_REL, REL_K, RANK_BY_TEACHER, USE_TDL, TDL_K,
+                                   K_PAD, NEG_PAD, NEED_SUMS, BLOCK_C, SINGLE_BLOCK, ACC)
+
+    if WANT_DTEMP:
+        tl.store(dtemp_ptr + row, dtemp)
+    _reduce_batch(row, loss, row_loss_ptr, loss_ptr, ticket_ptr, labels_ptr, N, ignore_index, count,
+                  HAS_LABELS, HAVE_COUNT, REDUCTION, BATCH_BLOCK)
+
+
+@triton.jit
+def _distill_row(ref, offs, y, bad, T, inv_T, g_row, g_scale, row_scale, params_ptr, zero,
+                 HAS_LABELS: tl.constexpr, WRITE_GRAD: tl.constexpr, WANT_DTEMP: tl.constexpr, USE_KD: tl.constexpr,
+                 USE_CE: tl.constexpr, STANDARDIZE: tl.constexpr, USE_TSM: tl.constexpr, TSM_K: tl.constexpr,
+                 USE_DEC: tl.constexpr, ADAPTIVE: tl.constexpr, USE_DTKD: tl.constexpr, USE_REL: tl.constexpr,
+                 REL_K: tl.constexpr, RANK_BY_TEACHER: tl.constexpr, USE_TDL: tl.constexpr, TDL_K: tl.constexpr,
+                 K_PAD: tl.constexpr, NEG_PAD: tl.constexpr, NEED_SUMS: tl.constexpr, BLOCK_C: tl.constexpr,
+                 SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """A row that is not ignored: P1–P6 in order; writes the gradient (× ``g_scale``) and returns
+    (row loss × loss_weight, ∂loss/∂T × ``row_scale``) — NaN for a NaN row, 0 for an empty one."""
+    s_row = ref[0]
+    loss_w = tl.load(params_ptr + P_LOSS_WEIGHT)
+    # P1, P2: the Transform (standardisation, TopKScale)
+    xf, n_s, sigma_s = _row_transform(ref, offs, y, params_ptr, zero, HAS_LABELS, STANDARDIZE, USE_TSM, TSM_K,
+                                      K_PAD, BLOCK_C, SINGLE_BLOCK, ACC)
+    target = (zero, zero)
+    s_raw_y = zero
+    if USE_DEC or USE_CE:
+        # the target logits: two scalar loads, transformed like the rest of their row
+        s_raw_y = tl.load(s_row + y).to(ACC)
+        target = _transform(s_raw_y, tl.load(ref[1] + y).to(ACC), y, xf, STANDARDIZE, USE_TSM, TSM_K)
+    # P3: RowStats at T and the top-k lists
+    stats, rel, pos, neg = _pass_row_stats(ref, offs, xf, y, target, inv_T, zero, USE_DEC, USE_CE, USE_DTKD,
+                                           USE_REL, REL_K, RANK_BY_TEACHER, USE_TDL, TDL_K, STANDARDIZE,
+                                           USE_TSM, TSM_K, K_PAD, NEG_PAD, BLOCK_C, SINGLE_BLOCK, ACC)
+    lse_s, lse_t, lse_snt, lse_tnt, lse_raw, v_max, v_arg = stats
+    # NaN or +inf anywhere in s̃ or t̃ makes d NaN: the row's loss and gradient are NaN; a row with
+    # no finite student or teacher logit (m = −inf) is empty: loss and gradient 0
+    row_nan = bad | (lse_s[1] != lse_s[1]) | (lse_t[1] != lse_t[1])
+    row_ok = (~row_nan) & (lse_s[0] != -float("inf")) & (lse_t[0] != -float("inf"))
+    norm_s = lse_norm(lse_s)
+    norm_t = lse_norm(lse_t)
+    norm_snt = lse_norm(lse_snt)
+    norm_tnt = lse_norm(lse_tnt)
+
+    # the row scalars: CE, DKD/AEKT, DTKD's temperatures, LDRLD's local term, TDL's Pos/Neg groups
+    loss_row = zero
+    if USE_CE:
+        loss_row += tl.load(params_ptr + P_CE_WEIGHT) * -log_prob(s_raw_y, lse_norm(lse_raw), 1.0)
+    dec = (zero, zero, zero)
+    if USE_DEC:
+        q_y, p_y, alpha_n, tckd = _decoupled_row(norm_s, norm_t, norm_snt, norm_tnt, target, inv_T,
+                                                 tl.load(params_ptr + P_TCKD_WEIGHT), params_ptr, ADAPTIVE)
+        dec = (q_y, p_y, alpha_n)
+        loss_row += T * T * alpha_n * tckd
+    x_max = lse_t[0]  # the teacher's maximum (transformed)
+    T_s, T_t, dtkd_ok = _dtkd_temperatures(x_max, v_max, T)
+    rel_g = tl.zeros([K_PAD], ACC)
+    rel_idx = rel[1]
+    if USE_REL:
+        rel_loss, rel_g, rel_idx = _relation_terms(rel[0], rel[1], rel[2], rel[3], T, inv_T,
+                                                   tl.load(params_ptr + P_LOCAL_WEIGHT), params_ptr, REL_K,
+                                                   K_PAD, ACC)
+        loss_row += T * T * rel_loss
+    tdl_w = tl.load(params_ptr + P_TDL_WEIGHT)
+    pos_idx = pos[1]
+    neg_idx = neg[1]
+    c_groups = (zero, zero, zero, zero)
+    if USE_TDL:
+        pos_idx, neg_idx, tdl_loss, c_groups = _tdl_groups(pos, neg, tdl_w, params_ptr, TDL_K)
+        loss_row += tdl_loss
+
+    # P4: complement states (LDRLD), states at T_s/T_t (DTKD), Non-group sums (TDL)
+    inv_Ts = 1.0 / T_s
+    inv_Tt = 1.0 / T_t
+    lse_sR, lse_tR, lse_sd, lse_td, non = _pass_restricted(
+        ref, offs, xf, inv_T, inv_Ts, inv_Tt, rel_idx, pos_idx, neg_idx, zero, USE_REL, REL_K, USE_TDL,
+        USE_DTKD, STANDARDIZE, USE_TSM, TSM_K, K_PAD, NEG_PAD, BLOCK_C, SINGLE_BLOCK, ACC)
+    c1_non = zero
+    c2_non = zero
+    if USE_TDL:
+        l_non, c1_non, c2_non = _cos_coeffs(non[0], non[1], non[2], tdl_w * tl.load(params_ptr + P_TDL_NON))
+        loss_row += l_non
+
+    # P5, P6: the row sums, the loss and the gradient
+    norms = (norm_s, norm_t, norm_snt, norm_tnt, lse_norm(lse_sR), lse_norm(lse_tR), lse_norm(lse_sd),
+             lse_norm(lse_td))
+    temps = (T, inv_T, T_s, T_t, inv_Ts, inv_Tt)
+    kd_w = tl.load(params_ptr + P_KD_WEIGHT)
+    nckd_w = tl.load(params_ptr + P_NCKD_WEIGHT)
+    dtkd_w = tl.load(params_ptr + P_DTKD_WEIGHT)
+    rest_w = tl.load(params_ptr + P_REST_WEIGHT)
+    weights = (kd_w, nckd_w, dtkd_w, rest_w)
+    tdl = (pos_idx, neg_idx, c_groups[0], c_groups[1], c_groups[2], c_groups[3], c1_non, c2_non)
+    # the temperature-derivative sums are shifted by the row maxima: Σ(q − p) = 0 and
+    # Σ p·(log p − log q − KL) = 0 make any shift exact, and the maxima keep |x − shift| small
+    shifts = (tl.where(lse_s[0] == -float("inf"), 0.0, lse_s[0]), tl.where(x_max == -float("inf"), 0.0, x_max))
+    kl = (zero, zero, zero, zero)
+    zg = (zero, zero)
+    a = (zero, zero, zero)
+    b = (zero, zero, zero)
+    if NEED_SUMS:
+        kl, zg, a, b = _pass_sums(ref, offs, xf, y, norms, temps, weights, dec, (rel_idx, rel_g), tdl, shifts,
+                                  zero, USE_KD, WANT_DTEMP, USE_DEC, USE_DTKD, USE_REL, REL_K, USE_TDL,
+                                  STANDARDIZE, USE_TSM, TSM_K, K_PAD, NEG_PAD, BLOCK_C, SINGLE_BLOCK, ACC)
+    if WRITE_GRAD or not NEED_SUMS:
+        extra = zero
+        if USE_DTKD:
+            extra = _dtkd_argmax_gradient(b, kl[2], x_max, v_max, T, T_s, T_t, dtkd_ok, dtkd_w)
+        g_bar = zero
+        gz_coef = zero
+        if STANDARDIZE:
+            g_bar = (zg[0] + extra) / tl.maximum(n_s, 1.0)
+            sgz = zg[1]
+            if USE_DTKD:
+                sgz += extra * v_max  # the argmax column's extra gradient, z̃_m = v
+            gz_coef = tl.where(sigma_s > 0, sgz / (tl.maximum(n_s - 1.0, 1.0) * tl.where(sigma_s > 0, sigma_s, 1.0)), 0.0)
+        kl6 = _pass_gradient(ref, offs, xf, y, g_row, norms, temps, weights, dec, (rel_idx, rel_g), tdl, shifts,
+                             (g_bar, gz_coef, xf[1], v_arg, extra),
+                             (tl.load(params_ptr + P_CE_WEIGHT), lse_norm(lse_raw)), (g_scale, row_ok, row_nan),
+                             zero, WRITE_GRAD, NEED_SUMS, USE_KD, WANT_DTEMP, USE_DEC, USE_CE, USE_DTKD, USE_REL,
+                             REL_K, USE_TDL, STANDARDIZE, USE_TSM, TSM_K, K_PAD, NEG_PAD, BLOCK_C, SINGLE_BLOCK,
+                             ACC)
+        if not NEED_SUMS:
+            kl = kl6
+
+    # a KL that rounding made negative (fp32 at huge T) is clamped at 0; the gradient is unaffected
+    dtemp = zero
+    loss_el = T * T * (kd_w * _clamp_kl(kl[0]) + nckd_w * _clamp_kl(kl[1]) + rest_w * _clamp_kl(kl[3]))
+    if USE_DTKD:
+        loss_el += dtkd_w * T_t * T_s * _clamp_kl(kl[2])
+    loss = tl.where(row_ok, (loss_el + loss_row) * loss_w, tl.where(row_nan, float("nan"), 0.0))
+    if WANT_DTEMP:
+        dtemp = kd_w * (2.0 * T * kl[0] - (a[0] + a[1] - kl[0] * a[2])) * row_scale
+        dtemp = tl.where(row_ok, dtemp, tl.where(row_nan, float("nan"), 0.0))
+    return loss, dtemp
+
+
 @triton.jit
 def _load_row(row_ptr, cols, C, cache, SINGLE_BLOCK: tl.constexpr, LAST_USE: tl.constexpr, ACC: tl.constexpr):
     """A block of one row in the accumulation dtype; columns ≥ C read as −inf (masked). Streamed rows
@@ -118,9 +351,9 @@ def _standardized(x, mean, inv_std):
 
 
 @triton.jit
-def _transform(s_raw, t_raw, cols, mean_s, inv_s, mean_t, inv_t, tsm_idx, tsm_mult, tsm_add,
-               tsm_y, tsm_y_mult, STANDARDIZE: tl.constexpr, USE_TSM: tl.constexpr, TSM_K: tl.constexpr):
-    """(s̃, t̃): standardisation, then TopKScale on the teacher."""
+def _transform(s_raw, t_raw, cols, xf, STANDARDIZE: tl.constexpr, USE_TSM: tl.constexpr, TSM_K: tl.constexpr):
+    """(s̃, t̃): standardisation, then TopKScale on the teacher (``xf``: a Transform)."""
+    mean_s, inv_s, mean_t, inv_t, tsm_idx, tsm_mult, tsm_add, tsm_y, tsm_y_mult = xf
     s = s_raw
     t = t_raw
     if STANDARDIZE:
@@ -138,15 +371,427 @@ def _transform(s_raw, t_raw, cols, mean_s, inv_s, mean_t, inv_t, tsm_idx, tsm_mu
 
 
 @triton.jit
-def _load_block(s_row, t_row, cols, C, s_cache, t_cache, mean_s, inv_s, mean_t, inv_t, tsm_idx, tsm_mult,
-                tsm_add, tsm_y, tsm_y_mult, STANDARDIZE: tl.constexpr, USE_TSM: tl.constexpr,
-                TSM_K: tl.constexpr, SINGLE_BLOCK: tl.constexpr, LAST_USE: tl.constexpr, ACC: tl.constexpr):
-    """(raw student, s̃, t̃) of one block of the row."""
+def _load_block(ref, cols, xf, STANDARDIZE: tl.constexpr, USE_TSM: tl.constexpr, TSM_K: tl.constexpr,
+                SINGLE_BLOCK: tl.constexpr, LAST_USE: tl.constexpr, ACC: tl.constexpr):
+    """(raw student, s̃, t̃) of one block of the row (``ref``: a RowRef, ``xf``: a Transform)."""
+    s_row, t_row, C, s_cache, t_cache = ref
     s_raw = _load_row(s_row, cols, C, s_cache, SINGLE_BLOCK, LAST_USE, ACC)
     t_raw = _load_row(t_row, cols, C, t_cache, SINGLE_BLOCK, LAST_USE, ACC)
-    s, t = _transform(s_raw, t_raw, cols, mean_s, inv_s, mean_t, inv_t, tsm_idx, tsm_mult, tsm_add,
-                      tsm_y, tsm_y_mult, STANDARDIZE, USE_TSM, TSM_K)
+    s, t = _transform(s_raw, t_raw, cols, xf, STANDARDIZE, USE_TSM, TSM_K)
     return s_raw, s, t
+
+
+@triton.jit
+def _pass_moments(ref, offs, zero, BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """P1 (standardize). Reads the raw s and t. Produces (mean_s, 1/(σ_s + ε), σ_s, n_s, mean_t,
+    1/(σ_t + ε)) over the finite entries; a constant row (max == min) gets σ = 0 and mean = its value
+    exactly, so Z = 0 there."""
+    s_row, t_row, C, s_cache, t_cache = ref
+    n_s, mean_s, m2_s = zero, zero, zero
+    n_t, mean_t, m2_t = zero, zero, zero
+    lo_s, hi_s = zero + float("inf"), zero - float("inf")
+    lo_t, hi_t = zero + float("inf"), zero - float("inf")
+    for start in range(0, C, BLOCK_C):
+        cols = start + offs
+        s_raw = _load_row(s_row, cols, C, s_cache, SINGLE_BLOCK, False, ACC)
+        t_raw = _load_row(t_row, cols, C, t_cache, SINGLE_BLOCK, False, ACC)
+        n_s, mean_s, m2_s, lo_s, hi_s = moments_update(n_s, mean_s, m2_s, lo_s, hi_s, s_raw,
+                                                       s_raw != -float("inf"))
+        n_t, mean_t, m2_t, lo_t, hi_t = moments_update(n_t, mean_t, m2_t, lo_t, hi_t, t_raw,
+                                                       t_raw != -float("inf"))
+    const_s = lo_s == hi_s
+    const_t = lo_t == hi_t
+    mean_s = tl.where(const_s, hi_s, mean_s)
+    mean_t = tl.where(const_t, hi_t, mean_t)
+    sigma_s = tl.where(const_s, 0.0, tl.sqrt(m2_s / tl.maximum(n_s - 1.0, 1.0)))
+    sigma_t = tl.where(const_t, 0.0, tl.sqrt(m2_t / tl.maximum(n_t - 1.0, 1.0)))
+    eps = tl.full([], STD_EPS, ACC)
+    return mean_s, 1.0 / (sigma_s + eps), sigma_s, n_s, mean_t, 1.0 / (sigma_t + eps)
+
+
+@triton.jit
+def _pass_teacher_topk(ref, offs, y, mean_t, inv_t, tsm_scale, tsm_shift, zero, HAS_LABELS: tl.constexpr,
+                       STANDARDIZE: tl.constexpr, TSM_K: tl.constexpr, K_PAD: tl.constexpr,
+                       BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """P2 (TopKScale). Reads t (standardized with P1's moments when asked). Produces the teacher's
+    top-k columns with their multipliers, the additive shift·gap, and the label column when it is
+    outside the top-k (else -1)."""
+    s_row, t_row, C, s_cache, t_cache = ref
+    tk_key, tk_idx, tk_a, tk_b = topk_init(TSM_K, K_PAD, ACC)
+    t_sum = zero
+    t_cnt = zero
+    for start in range(0, C, BLOCK_C):
+        cols = start + offs
+        t_raw = _load_row(t_row, cols, C, t_cache, SINGLE_BLOCK, False, ACC)
+        if STANDARDIZE:
+            t_raw = _standardized(t_raw, mean_t, inv_t)
+        live = t_raw != -float("inf")
+        t_sum += tl.sum(tl.where(live, t_raw, 0.0), 0)
+        t_cnt += tl.sum(live.to(ACC), 0)
+        cand = tl.where(cols < C, cols, BIG_IDX)
+        tk_key, tk_idx, tk_a, tk_b = topk_merge(tk_key, tk_idx, tk_a, tk_b, t_raw, cand, t_raw, t_raw, K_PAD)
+    real = (tk_idx >= 0) & (tk_idx != BIG_IDX)
+    top_live = real & (tk_key != -float("inf"))
+    top_sum = tl.sum(tl.where(top_live, tk_key, 0.0), 0)
+    top_cnt = tl.sum(top_live.to(ACC), 0)
+    gap = top_sum / tl.maximum(top_cnt, 1.0) - (t_sum - top_sum) / tl.maximum(t_cnt - top_cnt, 1.0)
+    rank = ranks(tk_key, tk_idx) - (K_PAD - TSM_K)
+    tsm_mult = tl.where(real, 1.0 + tsm_scale * (TSM_K - rank) / TSM_K, 1.0).to(ACC)
+    tsm_idx = tl.where(real, tk_idx, BIG_IDX)
+    tsm_y = y * 0 - 1
+    if HAS_LABELS:
+        y_in_top = tl.sum((tsm_idx == y).to(tl.int32), 0) > 0
+        tsm_y = tl.where(y_in_top, -1, y)
+    return tsm_idx, tsm_mult, tsm_shift * gap, tsm_y
+
+
+@triton.jit
+def _row_transform(ref, offs, y, params_ptr, zero, HAS_LABELS: tl.constexpr, STANDARDIZE: tl.constexpr,
+                   USE_TSM: tl.constexpr, TSM_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
+                   SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """P1 and P2: the row's Transform, plus (n_s, σ_s) for the gradient through Z."""
+    mean_s = zero
+    inv_s = zero + 1.0
+    mean_t = zero
+    inv_t = zero + 1.0
+    n_s = zero
+    sigma_s = zero
+    if STANDARDIZE:
+        mean_s, inv_s, sigma_s, n_s, mean_t, inv_t = _pass_moments(ref, offs, zero, BLOCK_C, SINGLE_BLOCK, ACC)
+    tsm_idx = tl.zeros([K_PAD], tl.int32)
+    tsm_mult = tl.zeros([K_PAD], ACC)
+    tsm_add = zero
+    tsm_y = y * 0 - 1
+    tsm_y_mult = 1.0 + zero
+    if USE_TSM:
+        tsm_y_mult = 1.0 + tl.load(params_ptr + P_TSM_GT_SCALE)
+        tsm_idx, tsm_mult, tsm_add, tsm_y = _pass_teacher_topk(
+            ref, offs, y, mean_t, inv_t, tl.load(params_ptr + P_TSM_SCALE), tl.load(params_ptr + P_TSM_SHIFT),
+            zero, HAS_LABELS, STANDARDIZE, TSM_K, K_PAD, BLOCK_C, SINGLE_BLOCK, ACC)
+    return (mean_s, inv_s, mean_t, inv_t, tsm_idx, tsm_mult, tsm_add, tsm_y, tsm_y_mult), n_s, sigma_s
+
+
+@triton.jit
+def empty_row_stats(zero):
+    """The RowStats of no columns."""
+    return (lse_init(zero), lse_init(zero), lse_init(zero), lse_init(zero), lse_init(zero),
+            zero - float("inf"), tl.zeros([], tl.int32) + BIG_IDX)
+
+
+@triton.jit
+def merge_row_stats(a, b, inv_t):
+    """The RowStats of the union of two disjoint column sets (LSE states at ``inv_t``, the raw-logit
+    state at 1; the maximum's column goes to the lower index on ties)."""
+    take_b = (b[5] > a[5]) | ((b[5] == a[5]) & (b[6] < a[6]))
+    return (lse_merge(a[0], b[0], inv_t), lse_merge(a[1], b[1], inv_t), lse_merge(a[2], b[2], inv_t),
+            lse_merge(a[3], b[3], inv_t), lse_merge(a[4], b[4], 1.0),
+            tl.where(take_b, b[5], a[5]), tl.where(take_b, b[6], a[6]))
+
+
+@triton.jit
+def _block_row_stats(s_raw, s, t, cols, y, inv_T, zero, USE_DEC: tl.constexpr, USE_CE: tl.constexpr,
+                     USE_DTKD: tl.constexpr):
+    """The RowStats of one block of columns (only the fields the preset reads are filled)."""
+    lse_s, lse_t, lse_snt, lse_tnt, lse_raw, v_max, v_arg = empty_row_stats(zero)
+    if USE_DEC:
+        # non-target states only; the full ones follow by merging in the target (P3's end)
+        is_y = cols == y
+        lse_snt = lse_update(lse_snt, tl.where(is_y, -float("inf"), s), inv_T)
+        lse_tnt = lse_update(lse_tnt, tl.where(is_y, -float("inf"), t), inv_T)
+    else:
+        lse_s = lse_update(lse_s, s, inv_T)
+        lse_t = lse_update(lse_t, t, inv_T)
+    if USE_CE:
+        lse_raw = lse_update(lse_raw, s_raw, 1.0 + zero)
+    if USE_DTKD:
+        v_max = tl.max(s, 0)
+        v_arg = tl.min(tl.where(s == v_max, cols, BIG_IDX), 0)
+    return lse_s, lse_t, lse_snt, lse_tnt, lse_raw, v_max, v_arg
+
+
+@triton.jit
+def _pass_row_stats(ref, offs, xf, y, target, inv_T, zero, USE_DEC: tl.constexpr, USE_CE: tl.constexpr,
+                    USE_DTKD: tl.constexpr, USE_REL: tl.constexpr, REL_K: tl.constexpr,
+                    RANK_BY_TEACHER: tl.constexpr, USE_TDL: tl.constexpr, TDL_K: tl.constexpr,
+                    STANDARDIZE: tl.constexpr, USE_TSM: tl.constexpr, TSM_K: tl.constexpr, K_PAD: tl.constexpr,
+                    NEG_PAD: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """P3. Reads s and t through the Transform ``xf`` (and the target logits ``target`` = (s̃_y, t̃_y)).
+    Produces the row's RowStats at T (for DKD the full states are the non-target ones merged with the
+    target) and the top-k Lists: LDRLD's ranking, TDL's Pos and its 2k smallest (Neg candidates)."""
+    stats = empty_row_stats(zero)
+    rel = topk_init(REL_K, K_PAD, ACC)
+    pos = topk_init(TDL_K, K_PAD, ACC)
+    neg = topk_init(2 * TDL_K, NEG_PAD, ACC)
+    for start in range(0, ref[2], BLOCK_C):
+        cols = start + offs
+        s_raw, s, t = _load_block(ref, cols, xf, STANDARDIZE, USE_TSM, TSM_K, SINGLE_BLOCK, False, ACC)
+        stats = merge_row_stats(stats, _block_row_stats(s_raw, s, t, cols, y, inv_T, zero, USE_DEC, USE_CE,
+                                                        USE_DTKD), inv_T)
+        cand = tl.where(cols < ref[2], cols, BIG_IDX)
+        if USE_REL:
+            rel_key, rel_idx, rel_s, rel_t = rel
+            if RANK_BY_TEACHER:
+                rel = topk_merge(rel_key, rel_idx, rel_s, rel_t, t, cand, s, t, K_PAD)
+            else:
+                rel = topk_merge(rel_key, rel_idx, rel_s, rel_t, s, cand, s, t, K_PAD)
+        if USE_TDL:
+            pos_key, pos_idx, pos_s, pos_t = pos
+            pos = topk_merge(pos_key, pos_idx, pos_s, pos_t, t, cand, s, t, K_PAD)
+            neg_key, neg_idx, neg_s, neg_t = neg
+            low = tl.where(t == -float("inf"), -float("inf"), -t)  # the smallest first; masked classes last
+            neg = topk_merge(neg_key, neg_idx, neg_s, neg_t, low, cand, s, t, NEG_PAD)
+    if USE_DEC:
+        s_y, t_y = target
+        lse_s = lse_merge(stats[2], (s_y, 1.0 + zero), inv_T)
+        lse_t = lse_merge(stats[3], (t_y, 1.0 + zero), inv_T)
+        stats = (lse_s, lse_t, stats[2], stats[3], stats[4], stats[5], stats[6])
+    return stats, rel, pos, neg
+
+
+@triton.jit
+def _decoupled_row(norm_s, norm_t, norm_snt, norm_tnt, target, inv_T, tckd_w, params_ptr, ADAPTIVE: tl.constexpr):
+    """DKD/AEKT's row scalars from P3's finished states: (q_y, p_y, α_n, TCKD)."""
+    s_y, t_y = target
+    log_qy = log_prob(s_y, norm_s, inv_T)
+    log_py = log_prob(t_y, norm_t, inv_T)
+    log_1mqy = (norm_snt[0] - norm_s[0]) * inv_T + norm_snt[1] - norm_s[1]
+    log_1mpy = (norm_tnt[0] - norm_t[0]) * inv_T + norm_tnt[1] - norm_t[1]
+    q_y = tl.exp(log_qy)
+    p_y = tl.exp(log_py)
+    p_n = tl.exp(log_1mpy)
+    tckd = tl.where(p_y > 0, p_y * (log_py - log_qy), 0.0) + tl.where(p_n > 0, p_n * (log_1mpy - log_1mqy), 0.0)
+    alpha_n = tckd_w
+    if ADAPTIVE:
+        alpha_n = tckd_w * tl.minimum(tl.exp(log_py - log_qy), tl.load(params_ptr + P_MAX_WEIGHT))
+    return q_y, p_y, alpha_n, _clamp_kl(tckd)
+
+
+@triton.jit
+def _dtkd_temperatures(x_max, v_max, T):
+    """DTKD's (T_s, T_t, ok): 2vT/(x + v), 2xT/(x + v) where x > 0 and v > 0, else (T, T) — the published
+    guard covers x + v ≤ 0 only; this also keeps rows with a non-positive maximum finite."""
+    ok = (x_max > 0) & (v_max > 0)
+    den = tl.where(ok, x_max + v_max, 1.0)
+    return tl.where(ok, 2.0 * v_max * T / den, T), tl.where(ok, 2.0 * x_max * T / den, T), ok
+
+
+@triton.jit
+def _tdl_groups(pos, neg, tdl_w, params_ptr, TDL_K: tl.constexpr):
+    """TDL's Pos and Neg groups from P3's lists (Neg = the k smallest non-Pos of the 2k smallest):
+    (Pos columns, Neg columns, their loss, (c1_pos, c2_pos, c1_neg, c2_neg)); empty slots at BIG_IDX."""
+    pos_key, pos_idx, pos_s, pos_t = pos
+    neg_key, neg_idx, neg_s, neg_t = neg
+    pos_real = (pos_idx >= 0) & (pos_idx != BIG_IDX)
+    pos_idx = tl.where(pos_real, pos_idx, BIG_IDX)
+    dot, nu, nv = _cos_group(pos_s, pos_t, pos_real)
+    l_pos, c1_pos, c2_pos = _cos_coeffs(dot, nu, nv, tdl_w * tl.load(params_ptr + P_TDL_POS))
+    neg_real = (neg_idx >= 0) & (neg_idx != BIG_IDX)
+    neg_in_pos = tl.sum((neg_idx[:, None] == pos_idx[None, :]).to(tl.int32), 1) > 0
+    cand_neg = neg_real & (~neg_in_pos)
+    beats = (neg_key[None, :] > neg_key[:, None]) | ((neg_key[None, :] == neg_key[:, None]) & (neg_idx[None, :] < neg_idx[:, None]))
+    n_rank = tl.sum((beats & cand_neg[None, :]).to(tl.int32), 1)
+    neg_sel = cand_neg & (n_rank < TDL_K)
+    dot, nu, nv = _cos_group(neg_s, neg_t, neg_sel)
+    l_neg, c1_neg, c2_neg = _cos_coeffs(dot, nu, nv, tdl_w * tl.load(params_ptr + P_TDL_NEG))
+    return pos_idx, tl.where(neg_sel, neg_idx, BIG_IDX), l_pos + l_neg, (c1_pos, c2_pos, c1_neg, c2_neg)
+
+
+@triton.jit
+def _pass_restricted(ref, offs, xf, inv_T, inv_Ts, inv_Tt, rel_idx, pos_idx, neg_idx, zero,
+                     USE_REL: tl.constexpr, REL_K: tl.constexpr, USE_TDL: tl.constexpr, USE_DTKD: tl.constexpr,
+                     STANDARDIZE: tl.constexpr, USE_TSM: tl.constexpr, TSM_K: tl.constexpr, K_PAD: tl.constexpr,
+                     NEG_PAD: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """P4 (LDRLD, TDL, DTKD). Reads s̃ and t̃ and the top-k columns P3 chose. Produces the LSE states of
+    the complement of LDRLD's set (at T), the states at DTKD's T_s/T_t, and TDL's Non-group sums
+    (dot, ‖u‖², ‖v‖²)."""
+    lse_sR = lse_init(zero)
+    lse_tR = lse_init(zero)
+    lse_sd = lse_init(zero)
+    lse_td = lse_init(zero)
+    dot_n = zero
+    nu_n = zero
+    nv_n = zero
+    for start in range(0, ref[2], BLOCK_C):
+        cols = start + offs
+        s_raw, s, t = _load_block(ref, cols, xf, STANDARDIZE, USE_TSM, TSM_K, SINGLE_BLOCK, False, ACC)
+        if USE_REL:
+            in_I = _lookup(cols, rel_idx, rel_idx, BIG_IDX, REL_K) != BIG_IDX
+            lse_sR = lse_update(lse_sR, tl.where(in_I, -float("inf"), s), inv_T)
+            lse_tR = lse_update(lse_tR, tl.where(in_I, -float("inf"), t), inv_T)
+        if USE_TDL:
+            grouped = (_lookup(cols, pos_idx, pos_idx, BIG_IDX, K_PAD) != BIG_IDX) | \
+                      (_lookup(cols, neg_idx, neg_idx, BIG_IDX, NEG_PAD) != BIG_IDX)
+            dot_b, nu_b, nv_b = _cos_group(s, t, (cols < ref[2]) & (~grouped))
+            dot_n += dot_b
+            nu_n += nu_b
+            nv_n += nv_b
+        if USE_DTKD:
+            lse_sd = lse_update(lse_sd, s, inv_Ts)
+            lse_td = lse_update(lse_td, t, inv_Tt)
+    return lse_sR, lse_tR, lse_sd, lse_td, (dot_n, nu_n, nv_n)
+
+
+@triton.jit
+def _kl_terms(s, t, norm_s, norm_t, inv_ts, inv_tt):
+    """Per column of one softmax pair, q = softmax(s/T_s), p = softmax(t/T_t):
+    (q, p, log q, log p, p·(log p − log q))."""
+    lq = log_prob(s, norm_s, inv_ts)
+    lp = log_prob(t, norm_t, inv_tt)
+    q = tl.exp(lq)
+    p = tl.exp(lp)
+    return q, p, lq, lp, tl.where(p > 0, p * (lp - lq), 0.0)
+
+
+@triton.jit
+def _column_terms(s, t, cols, y, norms, temps, weights, dec, sparse, tdl, shifts,
+                  USE_KD: tl.constexpr, WANT_DTEMP: tl.constexpr, USE_DEC: tl.constexpr, USE_DTKD: tl.constexpr,
+                  USE_REL: tl.constexpr, REL_K: tl.constexpr, USE_TDL: tl.constexpr, K_PAD: tl.constexpr,
+                  NEG_PAD: tl.constexpr, ACC: tl.constexpr):
+    """The bulk gradient w.r.t. s̃ of one block (before Z and CE) and its per-column loss parts.
+
+    Consumes the finished states ``norms`` = (s, t, s≠y, t≠y, s_R, t_R, s@T_s, t@T_t), ``temps`` =
+    (T, 1/T, T_s, T_t, 1/T_s, 1/T_t), ``weights`` = (kd, nckd, dtkd, rest), ``dec`` = (q_y, p_y, α_n),
+    ``sparse`` = (LDRLD columns, their gradient), ``tdl`` = (Pos columns, Neg columns, c1/c2 per group),
+    ``shifts`` = (s̃ max, t̃ max). Returns (g, KL parts of KD, NCKD, DTKD, LDRLD rest — per column —,
+    the learnable-T parts a1, a2, a3 and DTKD's b1, b2, b3 — per column, unreduced)."""
+    T, inv_T, T_s, T_t, inv_Ts, inv_Tt = temps
+    kd_w, nckd_w, dtkd_w, rest_w = weights
+    s_hi, t_hi = shifts
+    g = tl.zeros(s.shape, ACC)
+    kl_kd = g
+    kl_nc = g
+    kl_d = g
+    kl_r = g
+    a1 = g
+    a2 = g
+    a3 = g
+    b1 = g
+    b2 = g
+    b3 = g
+    if USE_KD or WANT_DTEMP:
+        q, pr, lq, lp, kl_kd = _kl_terms(s, t, norms[0], norms[1], inv_T, inv_T)
+        g += kd_w * T * (q - pr)
+        if WANT_DTEMP:
+            a1 = tl.where((q > 0) | (pr > 0), (q - pr) * (s - s_hi), 0.0)
+            a2 = tl.where(pr > 0, (t - t_hi) * pr * (lp - lq), 0.0)
+            a3 = tl.where(pr > 0, (t - t_hi) * pr, 0.0)
+    if USE_DEC:
+        q_y, p_y, alpha_n = dec
+        is_y = cols == y
+        q_h, p_h, lq_h, lp_h, kl_h = _kl_terms(s, t, norms[2], norms[3], inv_T, inv_T)
+        q_h = tl.where(is_y, 0.0, q_h)
+        kl_nc = tl.where(is_y, 0.0, kl_h)
+        p_h = tl.where(is_y, 0.0, p_h)
+        g += tl.where(is_y, T * alpha_n * (q_y - p_y), T * (alpha_n * (p_y - q_y) * q_h + nckd_w * (q_h - p_h)))
+    if USE_DTKD:
+        q_d, p_d, lq_d, lp_d, kl_d = _kl_terms(s, t, norms[6], norms[7], inv_Ts, inv_Tt)
+        g += dtkd_w * T_t * (q_d - p_d)
+        b1 = tl.where((q_d > 0) | (p_d > 0), (p_d - q_d) * (s - s_hi), 0.0)
+        b2 = tl.where(p_d > 0, (t - t_hi) * p_d * (lp_d - lq_d), 0.0)
+        b3 = tl.where(p_d > 0, (t - t_hi) * p_d, 0.0)
+    if USE_REL:
+        rel_idx, rel_g = sparse
+        g_I = _lookup(cols, rel_idx, rel_g, -float("inf"), REL_K)
+        in_I = g_I != -float("inf")
+        q_r, p_r, lq_r, lp_r, kl_r = _kl_terms(s, t, norms[4], norms[5], inv_T, inv_T)
+        kl_r = tl.where(in_I, 0.0, kl_r)
+        g += tl.where(in_I, g_I, rest_w * T * (q_r - p_r))
+    if USE_TDL:
+        pos_idx, neg_idx, c1_pos, c2_pos, c1_neg, c2_neg, c1_non, c2_non = tdl
+        live = (tl.abs(s) < float("inf")) & (tl.abs(t) < float("inf"))
+        in_pos = _lookup(cols, pos_idx, pos_idx, BIG_IDX, K_PAD) != BIG_IDX
+        in_neg = _lookup(cols, neg_idx, neg_idx, BIG_IDX, NEG_PAD) != BIG_IDX
+        c1 = tl.where(in_pos, c1_pos, tl.where(in_neg, c1_neg, c1_non))
+        c2 = tl.where(in_pos, c2_pos, tl.where(in_neg, c2_neg, c2_non))
+        g += tl.where(live, c2 * s - c1 * t, 0.0)
+    return g, (kl_kd, kl_nc, kl_d, kl_r), (a1, a2, a3), (b1, b2, b3)
+
+
+@triton.jit
+def _dtkd_argmax_gradient(b, kl_d, x_max, v_max, T, T_s, T_t, ok, dtkd_w):
+    """∂(T_t·T_s·KL_dyn)/∂v through the dynamic temperatures: the extra gradient of the student's argmax
+    column, from P5's sums ``b`` = (b1, b2, b3) (0 where the row uses τ)."""
+    b1, b2, b3 = b
+    xv = x_max + v_max
+    dA = 4.0 * T * T * x_max * (x_max - v_max) / (xv * xv * xv)
+    dTs = 2.0 * T * x_max / (xv * xv)
+    dkl = b1 / (T_s * T_s) * dTs + (b2 - kl_d * b3) / (T_t * T_t) * dTs
+    return tl.where(ok, dtkd_w * (dA * kl_d + T_t * T_s * dkl), 0.0)
+
+
+@triton.jit
+def _pass_sums(ref, offs, xf, y, norms, temps, weights, dec, sparse, tdl, shifts, zero,
+               USE_KD: tl.constexpr, WANT_DTEMP: tl.constexpr, USE_DEC: tl.constexpr, USE_DTKD: tl.constexpr,
+               USE_REL: tl.constexpr, REL_K: tl.constexpr, USE_TDL: tl.constexpr, STANDARDIZE: tl.constexpr,
+               USE_TSM: tl.constexpr, TSM_K: tl.constexpr, K_PAD: tl.constexpr, NEG_PAD: tl.constexpr,
+               BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """P5 (only when the gradient or dtemp needs row sums: standardize, DTKD, learnable T). Reads s̃, t̃
+    (backwards: the blocks P4 read last are the likeliest in L2). Produces the row's KL sums (KD, NCKD,
+    DTKD, LDRLD rest), the Z-backward sums (Σg, Σg·s̃) and the temperature-derivative sums (a1..a3
+    learnable T, b1..b3 DTKD)."""
+    kl = (zero, zero, zero, zero)
+    zg = (zero, zero)
+    a = (zero, zero, zero)
+    b = (zero, zero, zero)
+    C = ref[2]
+    for i in range(0, C, BLOCK_C):
+        cols = (C - 1) // BLOCK_C * BLOCK_C - i + offs
+        s_raw, s, t = _load_block(ref, cols, xf, STANDARDIZE, USE_TSM, TSM_K, SINGLE_BLOCK, False, ACC)
+        g, kl_c, a_c, b_c = _column_terms(s, t, cols, y, norms, temps, weights, dec, sparse, tdl, shifts,
+                                          USE_KD, WANT_DTEMP, USE_DEC, USE_DTKD, USE_REL, REL_K, USE_TDL,
+                                          K_PAD, NEG_PAD, ACC)
+        kl = (kl[0] + tl.sum(kl_c[0], 0), kl[1] + tl.sum(kl_c[1], 0), kl[2] + tl.sum(kl_c[2], 0),
+              kl[3] + tl.sum(kl_c[3], 0))
+        if STANDARDIZE:
+            live_s = s_raw != -float("inf")
+            zg = (zg[0] + tl.sum(tl.where(live_s, g, 0.0), 0), zg[1] + tl.sum(tl.where(live_s, g * s, 0.0), 0))
+        if WANT_DTEMP:
+            a = (a[0] + tl.sum(a_c[0], 0), a[1] + tl.sum(a_c[1], 0), a[2] + tl.sum(a_c[2], 0))
+        if USE_DTKD:
+            b = (b[0] + tl.sum(b_c[0], 0), b[1] + tl.sum(b_c[1], 0), b[2] + tl.sum(b_c[2], 0))
+    return kl, zg, a, b
+
+
+@triton.jit
+def _pass_gradient(ref, offs, xf, y, g_row, norms, temps, weights, dec, sparse, tdl, shifts, zback, ce, row_out,
+                   zero, WRITE_GRAD: tl.constexpr, SUMS_DONE: tl.constexpr, USE_KD: tl.constexpr,
+                   WANT_DTEMP: tl.constexpr, USE_DEC: tl.constexpr, USE_CE: tl.constexpr, USE_DTKD: tl.constexpr,
+                   USE_REL: tl.constexpr, REL_K: tl.constexpr, USE_TDL: tl.constexpr, STANDARDIZE: tl.constexpr,
+                   USE_TSM: tl.constexpr, TSM_K: tl.constexpr, K_PAD: tl.constexpr, NEG_PAD: tl.constexpr,
+                   BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """P6. Reads s̃, t̃ (last use). Consumes everything P3–P5 produced plus ``zback`` = (ḡ, Z's second-term
+    coefficient, 1/σ', DTKD's argmax column and its extra gradient), ``ce`` = (CE weight, raw-logit
+    state finished) and ``row_out`` = (row scale, ok, NaN): writes the gradient; returns the row's KL
+    sums when P5 did not run (``SUMS_DONE`` false)."""
+    g_bar, gz_coef, inv_s, v_arg, extra = zback
+    ce_w, norm_raw = ce
+    g_scale, row_ok, row_nan = row_out
+    kl = (zero, zero, zero, zero)
+    C = ref[2]
+    for i in range(0, C, BLOCK_C):
+        if SUMS_DONE:
+            start = i
+        else:
+            start = (C - 1) // BLOCK_C * BLOCK_C - i
+        cols = start + offs
+        s_raw, s, t = _load_block(ref, cols, xf, STANDARDIZE, USE_TSM, TSM_K, SINGLE_BLOCK, True, ACC)
+        g, kl_c, a_c, b_c = _column_terms(s, t, cols, y, norms, temps, weights, dec, sparse, tdl, shifts,
+                                          USE_KD, False, USE_DEC, USE_DTKD, USE_REL, REL_K, USE_TDL,
+                                          K_PAD, NEG_PAD, ACC)
+        if not SUMS_DONE:
+            kl = (kl[0] + tl.sum(kl_c[0], 0), kl[1] + tl.sum(kl_c[1], 0), kl[2] + tl.sum(kl_c[2], 0),
+                  kl[3] + tl.sum(kl_c[3], 0))
+        if USE_DTKD:
+            g = tl.where(cols == v_arg, g + extra, g)
+        if STANDARDIZE:
+            g = tl.where(s_raw != -float("inf"), (g - g_bar) * inv_s - gz_coef * s, 0.0)
+        if USE_CE:
+            g += ce_w * (tl.exp(log_prob(s_raw, norm_raw, 1.0)) - tl.where(cols == y, 1.0, 0.0))
+        # NaN rows: NaN; empty rows: 0 (their g may hold −inf − (−inf))
+        g = tl.where(row_ok, g * g_scale, tl.where(row_nan, float("nan"), 0.0))
+        if WRITE_GRAD:
+            tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=cols < C)
+    return kl
 
 
 @triton.jit
@@ -269,474 +914,6 @@ def _reduce_batch(row, row_loss, row_loss_ptr, loss_ptr, ticket_ptr, labels_ptr,
                 total = total / tl.maximum(count, 1).to(total.dtype)
             tl.store(loss_ptr, total)
             tl.store(ticket_ptr, 0)
-
-
-@triton.jit
-def _moments(s_row, t_row, C, offs, s_cache, t_cache, zero, BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
-             ACC: tl.constexpr):
-    """P1 (standardize): reads s and t; returns (mean_s, 1/(σ_s + ε), σ_s, n_s, mean_t, 1/(σ_t + ε)) over
-    the finite entries. A constant row (max == min) gets σ = 0 and mean = its value exactly, so Z = 0."""
-    n_s, mean_s, m2_s = zero, zero, zero
-    n_t, mean_t, m2_t = zero, zero, zero
-    lo_s, hi_s = zero + float("inf"), zero - float("inf")
-    lo_t, hi_t = zero + float("inf"), zero - float("inf")
-    for start in range(0, C, BLOCK_C):
-        cols = start + offs
-        s_raw = _load_row(s_row, cols, C, s_cache, SINGLE_BLOCK, False, ACC)
-        t_raw = _load_row(t_row, cols, C, t_cache, SINGLE_BLOCK, False, ACC)
-        n_s, mean_s, m2_s, lo_s, hi_s = moments_update(n_s, mean_s, m2_s, lo_s, hi_s, s_raw,
-                                                       s_raw != -float("inf"))
-        n_t, mean_t, m2_t, lo_t, hi_t = moments_update(n_t, mean_t, m2_t, lo_t, hi_t, t_raw,
-                                                       t_raw != -float("inf"))
-    const_s = lo_s == hi_s
-    const_t = lo_t == hi_t
-    mean_s = tl.where(const_s, hi_s, mean_s)
-    mean_t = tl.where(const_t, hi_t, mean_t)
-    sigma_s = tl.where(const_s, 0.0, tl.sqrt(m2_s / tl.maximum(n_s - 1.0, 1.0)))
-    sigma_t = tl.where(const_t, 0.0, tl.sqrt(m2_t / tl.maximum(n_t - 1.0, 1.0)))
-    eps = tl.full([], STD_EPS, ACC)
-    return mean_s, 1.0 / (sigma_s + eps), sigma_s, n_s, mean_t, 1.0 / (sigma_t + eps)
-
-
-@triton.jit
-def _teacher_topk_scale(t_row, C, offs, t_cache, y, mean_t, inv_t, tsm_scale, tsm_shift, zero,
-                        HAS_LABELS: tl.constexpr, STANDARDIZE: tl.constexpr, TSM_K: tl.constexpr,
-                        K_PAD: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """P2 (TopKScale): reads t (standardized when asked); returns the teacher's top-k columns with their
-    multipliers, the additive shift·gap, and the label column when it is outside the top-k (else -1)."""
-    tk_key, tk_idx, tk_a, tk_b = topk_init(TSM_K, K_PAD, ACC)
-    t_sum = zero
-    t_cnt = zero
-    for start in range(0, C, BLOCK_C):
-        cols = start + offs
-        t_raw = _load_row(t_row, cols, C, t_cache, SINGLE_BLOCK, False, ACC)
-        if STANDARDIZE:
-            t_raw = _standardized(t_raw, mean_t, inv_t)
-        live = t_raw != -float("inf")
-        t_sum += tl.sum(tl.where(live, t_raw, 0.0), 0)
-        t_cnt += tl.sum(live.to(ACC), 0)
-        cand = tl.where(cols < C, cols, BIG_IDX)
-        tk_key, tk_idx, tk_a, tk_b = topk_merge(tk_key, tk_idx, tk_a, tk_b, t_raw, cand, t_raw, t_raw, K_PAD)
-    real = (tk_idx >= 0) & (tk_idx != BIG_IDX)
-    top_live = real & (tk_key != -float("inf"))
-    top_sum = tl.sum(tl.where(top_live, tk_key, 0.0), 0)
-    top_cnt = tl.sum(top_live.to(ACC), 0)
-    gap = top_sum / tl.maximum(top_cnt, 1.0) - (t_sum - top_sum) / tl.maximum(t_cnt - top_cnt, 1.0)
-    rank = ranks(tk_key, tk_idx) - (K_PAD - TSM_K)
-    tsm_mult = tl.where(real, 1.0 + tsm_scale * (TSM_K - rank) / TSM_K, 1.0).to(ACC)
-    tsm_idx = tl.where(real, tk_idx, BIG_IDX)
-    tsm_y = y * 0 - 1
-    if HAS_LABELS:
-        y_in_top = tl.sum((tsm_idx == y).to(tl.int32), 0) > 0
-        tsm_y = tl.where(y_in_top, -1, y)
-    return tsm_idx, tsm_mult, tsm_shift * gap, tsm_y
-
-
-@triton.jit
-def _logit_distill_kernel(
-    s_ptr, t_ptr, labels_ptr, temp_ptr, gfactor_ptr, params_ptr, grad_ptr, row_loss_ptr, loss_ptr, dtemp_ptr,
-    ticket_ptr, N, C, stride_s_row, stride_t_row, stride_g_row, stride_temp, stride_gfactor, ignore_index,
-    HAS_LABELS: tl.constexpr, TEMP_IS_TENSOR: tl.constexpr, HAS_GFACTOR: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, WANT_DTEMP: tl.constexpr, REDUCTION: tl.constexpr,
-    USE_KD: tl.constexpr, USE_CE: tl.constexpr, STANDARDIZE: tl.constexpr,
-    USE_TSM: tl.constexpr, TSM_K: tl.constexpr, USE_DEC: tl.constexpr, ADAPTIVE: tl.constexpr,
-    USE_DTKD: tl.constexpr, USE_REL: tl.constexpr, REL_K: tl.constexpr, RANK_BY_TEACHER: tl.constexpr,
-    USE_TDL: tl.constexpr, TDL_K: tl.constexpr, K_PAD: tl.constexpr, NEG_PAD: tl.constexpr,
-    NEED_SUMS: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr,
-    VEC: tl.constexpr, BATCH_BLOCK: tl.constexpr,
-):
-    if VEC > 1:
-        # C and the row strides are multiples of VEC (vector_width in the launcher): lets the compiler use vector
-        # loads/stores (e.g. 4 x fp32) for row lengths such as ImageNet's 1000
-        C = C // VEC * VEC  # the same value, now provably a multiple of VEC for the compiler
-        stride_s_row = stride_s_row // VEC * VEC
-        stride_t_row = stride_t_row // VEC * VEC
-        stride_g_row = stride_g_row // VEC * VEC
-    row = tl.program_id(0).to(tl.int64)
-    s_row = s_ptr + row * stride_s_row
-    t_row = t_ptr + row * stride_t_row
-    g_row = grad_ptr + row * stride_g_row
-    offs = tl.arange(0, BLOCK_C)
-    NEG_INF = -float("inf")
-    zero = tl.full([], 0.0, ACC)
-    # the float parameters, in the accumulation dtype (exact for float64)
-    kd_w = tl.load(params_ptr + P_KD_WEIGHT)
-    ce_w = tl.load(params_ptr + P_CE_WEIGHT)
-    tckd_w = tl.load(params_ptr + P_TCKD_WEIGHT)
-    nckd_w = tl.load(params_ptr + P_NCKD_WEIGHT)
-    max_w = tl.load(params_ptr + P_MAX_WEIGHT)
-    dtkd_w = tl.load(params_ptr + P_DTKD_WEIGHT)
-    local_w = tl.load(params_ptr + P_LOCAL_WEIGHT)
-    rest_w = tl.load(params_ptr + P_REST_WEIGHT)
-    tdl_w = tl.load(params_ptr + P_TDL_WEIGHT)
-    loss_w = tl.load(params_ptr + P_LOSS_WEIGHT)
-
-    # every per-row load is issued up front (one dependent memory trip per row); an ignored row's
-    # logits are masked out of the loads, so it reads nothing
-    row_live = offs < C
-    if HAS_LABELS:
-        y = tl.load(labels_ptr + row)
-        ignored = y == ignore_index
-        bad = (y < 0) | (y >= C)
-        y = tl.where(bad, 0, y).to(tl.int32)
-        row_live = row_live & (~ignored)
-    else:
-        y = 0
-        ignored = False
-        bad = False
-    if TEMP_IS_TENSOR:
-        T = tl.load(temp_ptr + row * stride_temp).to(ACC)
-    else:
-        T = tl.load(params_ptr + P_TEMPERATURE)
-    inv_T = 1.0 / T
-    if SINGLE_BLOCK:
-        s_cache = tl.load(s_row + offs, mask=row_live, other=NEG_INF).to(ACC)
-        t_cache = tl.load(t_row + offs, mask=row_live, other=NEG_INF).to(ACC)
-    else:
-        s_cache = tl.zeros([BLOCK_C], ACC)
-        t_cache = tl.zeros([BLOCK_C], ACC)
-
-    # the row's share of the returned loss: loss_weight, and 1/count for batchmean
-    count = N
-    HAVE_COUNT: tl.constexpr = REDUCTION == REDUCTION_BATCHMEAN and (WRITE_GRAD or WANT_DTEMP)
-    row_scale = loss_w
-    if HAVE_COUNT:
-        count = _count_valid_rows(labels_ptr, N, ignore_index, HAS_LABELS, BATCH_BLOCK)
-        row_scale = loss_w / tl.maximum(count, 1).to(ACC)
-    g_scale = row_scale
-    if HAS_GFACTOR:
-        g_scale = row_scale * tl.load(gfactor_ptr + row * stride_gfactor).to(ACC)
-
-    loss = zero
-    dtemp = zero
-    if ignored:
-        if WRITE_GRAD:
-            for start in range(0, C, BLOCK_C):
-                cols = start + offs
-                tl.store(g_row + cols, tl.zeros([BLOCK_C], ACC).to(grad_ptr.dtype.element_ty), mask=cols < C)
-    else:
-        # ---- P1: standardisation moments -------------------------------------------------------
-        mean_s = zero
-        inv_s = zero + 1.0
-        mean_t = zero
-        inv_t = zero + 1.0
-        n_s = zero
-        sigma_s = zero
-        if STANDARDIZE:
-            mean_s, inv_s, sigma_s, n_s, mean_t, inv_t = _moments(s_row, t_row, C, offs, s_cache, t_cache, zero,
-                                                                  BLOCK_C, SINGLE_BLOCK, ACC)
-
-        # ---- P2: TopKScale — the teacher's top-k and the gap of means -----------------------------
-        tsm_idx = tl.zeros([K_PAD], tl.int32)
-        tsm_mult = tl.zeros([K_PAD], ACC)
-        tsm_add = zero
-        tsm_y = y * 0 - 1
-        tsm_y_mult = 1.0 + zero
-        if USE_TSM:
-            tsm_y_mult = 1.0 + tl.load(params_ptr + P_TSM_GT_SCALE)
-            tsm_idx, tsm_mult, tsm_add, tsm_y = _teacher_topk_scale(
-                t_row, C, offs, t_cache, y, mean_t, inv_t, tl.load(params_ptr + P_TSM_SCALE),
-                tl.load(params_ptr + P_TSM_SHIFT), zero, HAS_LABELS, STANDARDIZE, TSM_K, K_PAD, BLOCK_C,
-                SINGLE_BLOCK, ACC)
-
-        # ---- P3: LSE states at T, maxima, target logits, top-k lists -----------------------------
-        # LSE states (m, d) are in the logits' units (row_ops.lse_update): exact when x/T overflows
-        m_s, d_s = lse_init(zero)
-        m_t, d_t = lse_init(zero)
-        m_snt, d_snt = lse_init(zero)
-        m_tnt, d_tnt = lse_init(zero)
-        m_raw, d_raw = lse_init(zero)
-        s_y = zero
-        t_y = zero
-        s_raw_y = zero
-        v_max = zero + NEG_INF
-        v_arg = tl.zeros([], tl.int32) + BIG_IDX
-        if USE_DEC or USE_CE:
-            # the target logits: two scalar loads, transformed like the rest of their row
-            s_raw_y = tl.load(s_row + y).to(ACC)
-            s_y, t_y = _transform(s_raw_y, tl.load(t_row + y).to(ACC), y, mean_s, inv_s, mean_t, inv_t,
-                                  tsm_idx, tsm_mult, tsm_add, tsm_y, tsm_y_mult, STANDARDIZE, USE_TSM, TSM_K)
-        rel_key, rel_idx, rel_s, rel_t = topk_init(REL_K, K_PAD, ACC)
-        pos_key, pos_idx, pos_s, pos_t = topk_init(TDL_K, K_PAD, ACC)
-        neg_key, neg_idx, neg_s, neg_t = topk_init(2 * TDL_K, NEG_PAD, ACC)
-        for start in range(0, C, BLOCK_C):
-            cols = start + offs
-            s_raw, s, t = _load_block(s_row, t_row, cols, C, s_cache, t_cache, mean_s, inv_s, mean_t, inv_t,
-                                     tsm_idx, tsm_mult, tsm_add, tsm_y, tsm_y_mult, STANDARDIZE, USE_TSM,
-                                     TSM_K, SINGLE_BLOCK, False, ACC)
-            if USE_DEC:
-                # non-target LSEs only; the full ones follow by merging in the target (below)
-                is_y = cols == y
-                m_snt, d_snt = lse_update(m_snt, d_snt, tl.where(is_y, NEG_INF, s), inv_T)
-                m_tnt, d_tnt = lse_update(m_tnt, d_tnt, tl.where(is_y, NEG_INF, t), inv_T)
-            else:
-                m_s, d_s = lse_update(m_s, d_s, s, inv_T)
-                m_t, d_t = lse_update(m_t, d_t, t, inv_T)
-            if USE_CE:
-                m_raw, d_raw = lse_update(m_raw, d_raw, s_raw, 1.0 + zero)
-            if USE_DTKD:
-                b_max = tl.max(s, 0)
-                b_arg = tl.min(tl.where(s == b_max, cols, BIG_IDX), 0)
-                v_arg = tl.where(b_max > v_max, b_arg, v_arg)
-                v_max = tl.maximum(v_max, b_max)
-            cand = tl.where(cols < C, cols, BIG_IDX)
-            if USE_REL:
-                if RANK_BY_TEACHER:
-                    rel_key, rel_idx, rel_s, rel_t = topk_merge(rel_key, rel_idx, rel_s, rel_t, t, cand, s, t, K_PAD)
-                else:
-                    rel_key, rel_idx, rel_s, rel_t = topk_merge(rel_key, rel_idx, rel_s, rel_t, s, cand, s, t, K_PAD)
-            if USE_TDL:
-                pos_key, pos_idx, pos_s, pos_t = topk_merge(pos_key, pos_idx, pos_s, pos_t, t, cand, s, t, K_PAD)
-                low = tl.where(t == NEG_INF, NEG_INF, -t)  # the smallest first; masked classes last
-                neg_key, neg_idx, neg_s, neg_t = topk_merge(neg_key, neg_idx, neg_s, neg_t, low, cand, s, t, NEG_PAD)
-        if USE_DEC:
-            m_s, d_s = lse_merge(m_snt, d_snt, s_y, 1.0 + zero, inv_T)
-            m_t, d_t = lse_merge(m_tnt, d_tnt, t_y, 1.0 + zero, inv_T)
-        log_ds = tl.log(d_s)
-        log_dt = tl.log(d_t)
-        # NaN or +inf anywhere in s̃ or t̃ makes d NaN: the row's loss and gradient are NaN; a row
-        # with no finite student or teacher logit (m = −inf) is empty: loss and gradient 0
-        row_nan = bad | (d_s != d_s) | (d_t != d_t)
-        row_ok = (~row_nan) & (m_s != NEG_INF) & (m_t != NEG_INF)
-        loss_row = zero  # the row-scalar parts of the loss (CE, TCKD, L_local, TDL)
-
-        # DKD / AEKT row scalars
-        q_y = zero
-        p_y = zero
-        alpha_n = zero
-        log_dsnt = zero
-        log_dtnt = zero
-        if USE_DEC:
-            log_dsnt = tl.log(d_snt)
-            log_dtnt = tl.log(d_tnt)
-            log_qy = (s_y - m_s) * inv_T - log_ds
-            log_py = (t_y - m_t) * inv_T - log_dt
-            log_1mqy = (m_snt - m_s) * inv_T + log_dsnt - log_ds
-            log_1mpy = (m_tnt - m_t) * inv_T + log_dtnt - log_dt
-            q_y = tl.exp(log_qy)
-            p_y = tl.exp(log_py)
-            p_n = tl.exp(log_1mpy)
-            tckd = tl.where(p_y > 0, p_y * (log_py - log_qy), 0.0) + tl.where(p_n > 0, p_n * (log_1mpy - log_1mqy), 0.0)
-            alpha_n = tckd_w
-            if ADAPTIVE:
-                alpha_n = tckd_w * tl.minimum(tl.exp(log_py - log_qy), tl.load(params_ptr + P_MAX_WEIGHT))
-            loss_row += T * T * alpha_n * _clamp_kl(tckd)
-        log_draw = zero
-        if USE_CE:
-            log_draw = tl.log(d_raw)
-            loss_row += ce_w * ((m_raw - s_raw_y) + log_draw)
-
-        # DTKD row temperatures: T_s = 2vτ/(x + v), T_t = 2xτ/(x + v) where x > 0 and v > 0, else τ
-        T_s = T
-        T_t = T
-        dtkd_ok = False
-        if USE_DTKD:
-            x_max = m_t  # the teacher's maximum (transformed)
-            dtkd_ok = (x_max > 0) & (v_max > 0)
-            den = tl.where(dtkd_ok, x_max + v_max, 1.0)
-            T_s = tl.where(dtkd_ok, 2.0 * v_max * T / den, T)
-            T_t = tl.where(dtkd_ok, 2.0 * x_max * T / den, T)
-
-        # LDRLD: pair terms and set term from the top-k list (registers only)
-        rel_g = tl.zeros([K_PAD], ACC)
-        if USE_REL:
-            rel_loss, rel_g, rel_idx = _relation_terms(rel_key, rel_idx, rel_s, rel_t, T, inv_T, local_w,
-                                                       params_ptr, REL_K, K_PAD, ACC)
-            loss_row += T * T * rel_loss
-
-        # TDL: Pos group from its list; Neg = the k smallest of the non-Pos among the 2k smallest
-        c1_pos = zero
-        c2_pos = zero
-        c1_neg = zero
-        c2_neg = zero
-        if USE_TDL:
-            pos_real = (pos_idx >= 0) & (pos_idx != BIG_IDX)
-            pos_idx = tl.where(pos_real, pos_idx, BIG_IDX)
-            dot, nu, nv = _cos_group(pos_s, pos_t, pos_real)
-            l_pos, c1_pos, c2_pos = _cos_coeffs(dot, nu, nv, tdl_w * tl.load(params_ptr + P_TDL_POS))
-            neg_real = (neg_idx >= 0) & (neg_idx != BIG_IDX)
-            neg_in_pos = tl.sum((neg_idx[:, None] == pos_idx[None, :]).to(tl.int32), 1) > 0
-            cand_neg = neg_real & (~neg_in_pos)
-            beats = (neg_key[None, :] > neg_key[:, None]) | ((neg_key[None, :] == neg_key[:, None]) & (neg_idx[None, :] < neg_idx[:, None]))
-            n_rank = tl.sum((beats & cand_neg[None, :]).to(tl.int32), 1)
-            neg_sel = cand_neg & (n_rank < TDL_K)
-            neg_idx = tl.where(neg_sel, neg_idx, BIG_IDX)
-            dot, nu, nv = _cos_group(neg_s, neg_t, neg_sel)
-            l_neg, c1_neg, c2_neg = _cos_coeffs(dot, nu, nv, tdl_w * tl.load(params_ptr + P_TDL_NEG))
-            loss_row += l_pos + l_neg
-
-        # ---- P4: complement LSEs (LDRLD), Non-group sums (TDL), LSEs at T_s/T_t (DTKD) ----------
-        m_sR, d_sR = lse_init(zero)
-        m_tR, d_tR = lse_init(zero)
-        m_sd, d_sd = lse_init(zero)
-        m_td, d_td = lse_init(zero)
-        inv_Ts = 1.0 / T_s
-        inv_Tt = 1.0 / T_t
-        c1_non = zero
-        c2_non = zero
-        if USE_REL or USE_TDL or USE_DTKD:
-            dot_n = zero
-            nu_n = zero
-            nv_n = zero
-            for start in range(0, C, BLOCK_C):
-                cols = start + offs
-                s_raw, s, t = _load_block(s_row, t_row, cols, C, s_cache, t_cache, mean_s, inv_s, mean_t, inv_t,
-                                         tsm_idx, tsm_mult, tsm_add, tsm_y, tsm_y_mult, STANDARDIZE, USE_TSM,
-                                         TSM_K, SINGLE_BLOCK, False, ACC)
-                if USE_REL:
-                    in_I = _lookup(cols, rel_idx, rel_idx, BIG_IDX, REL_K) != BIG_IDX
-                    m_sR, d_sR = lse_update(m_sR, d_sR, tl.where(in_I, NEG_INF, s), inv_T)
-                    m_tR, d_tR = lse_update(m_tR, d_tR, tl.where(in_I, NEG_INF, t), inv_T)
-                if USE_TDL:
-                    grouped = (_lookup(cols, pos_idx, pos_idx, BIG_IDX, K_PAD) != BIG_IDX) | \
-                              (_lookup(cols, neg_idx, neg_idx, BIG_IDX, NEG_PAD) != BIG_IDX)
-                    dot_b, nu_b, nv_b = _cos_group(s, t, (cols < C) & (~grouped))
-                    dot_n += dot_b
-                    nu_n += nu_b
-                    nv_n += nv_b
-                if USE_DTKD:
-                    m_sd, d_sd = lse_update(m_sd, d_sd, s, inv_Ts)
-                    m_td, d_td = lse_update(m_td, d_td, t, inv_Tt)
-            if USE_TDL:
-                l_non, c1_non, c2_non = _cos_coeffs(dot_n, nu_n, nv_n, tdl_w * tl.load(params_ptr + P_TDL_NON))
-                loss_row += l_non
-        log_dsR = tl.log(d_sR)
-        log_dtR = tl.log(d_tR)
-        log_dsd = tl.log(d_sd)
-        log_dtd = tl.log(d_td)
-
-        # ---- P5: loss and the row sums the gradient needs; P6: gradient ------------------------
-        # the temperature-derivative sums are shifted by the row maxima: Σ(q − p) = 0 and
-        # Σ p·(log p − log q − KL) = 0 make any shift exact, and the maxima keep |x − shift| small
-        s_hi = tl.where(m_s == NEG_INF, 0.0, m_s)
-        t_hi = tl.where(m_t == NEG_INF, 0.0, m_t)
-        kl_kd = zero
-        kl_nc = zero
-        kl_d = zero
-        kl_rest = zero
-        sum_g = zero
-        sum_gz = zero
-        a1 = zero
-        a2 = zero
-        a3 = zero
-        b1 = zero
-        b2 = zero
-        b3 = zero
-        for p in tl.static_range(2):
-            if (p == 0 and NEED_SUMS) or (p == 1 and WRITE_GRAD) or (p == 1 and not NEED_SUMS):
-                # P5 (p == 0) accumulates the loss and the sums; P6 (p == 1) writes the gradient
-                # (and accumulates the loss itself when P5 did not run)
-                extra = zero
-                if p == 1 and USE_DTKD:
-                    # ∂(T_t·T_s·KL_dyn)/∂v through the temperatures, on the argmax column
-                    xv = x_max + v_max
-                    A = T_t * T_s
-                    dA = 4.0 * T * T * x_max * (x_max - v_max) / (xv * xv * xv)
-                    dTs = 2.0 * T * x_max / (xv * xv)
-                    dkl = b1 / (T_s * T_s) * dTs + (b2 - kl_d * b3) / (T_t * T_t) * dTs
-                    extra = tl.where(dtkd_ok, dtkd_w * (dA * kl_d + A * dkl), 0.0)
-                g_bar = zero
-                gz_coef = zero
-                if p == 1 and STANDARDIZE:
-                    g_bar = (sum_g + extra) / tl.maximum(n_s, 1.0)
-                    sgz = sum_gz
-                    if USE_DTKD:
-                        sgz += extra * v_max  # the argmax column's extra gradient, z̃_m = v
-                    gz_coef = tl.where(sigma_s > 0, sgz / (tl.maximum(n_s - 1.0, 1.0) * tl.where(sigma_s > 0, sigma_s, 1.0)), 0.0)
-                for i in range(0, C, BLOCK_C):
-                    # P5 and a P6 that follows P3/P4 directly run backwards: the blocks read last
-                    # are the ones most likely still in L2
-                    if p == 0 or not NEED_SUMS:
-                        start = (C - 1) // BLOCK_C * BLOCK_C - i
-                    else:
-                        start = i
-                    cols = start + offs
-                    s_raw, s, t = _load_block(s_row, t_row, cols, C, s_cache, t_cache, mean_s, inv_s, mean_t, inv_t,
-                                             tsm_idx, tsm_mult, tsm_add, tsm_y, tsm_y_mult, STANDARDIZE, USE_TSM,
-                                             TSM_K, SINGLE_BLOCK, p == 1, ACC)
-                    g = tl.zeros([BLOCK_C], ACC)
-                    if USE_KD or WANT_DTEMP:
-                        lq = log_prob(s, m_s, log_ds, inv_T)
-                        lp = log_prob(t, m_t, log_dt, inv_T)
-                        q = tl.exp(lq)
-                        pr = tl.exp(lp)
-                        kl = tl.where(pr > 0, pr * (lp - lq), 0.0)
-                        g += kd_w * T * (q - pr)
-                        if p == 0 or not NEED_SUMS:  # the pass that accumulates the loss
-                            kl_kd += tl.sum(kl, 0)
-                        if WANT_DTEMP and p == 0:
-                            a1 += tl.sum(tl.where((q > 0) | (pr > 0), (q - pr) * (s - s_hi), 0.0), 0)
-                            a2 += tl.sum(tl.where(pr > 0, (t - t_hi) * pr * (lp - lq), 0.0), 0)
-                            a3 += tl.sum(tl.where(pr > 0, (t - t_hi) * pr, 0.0), 0)
-                    if USE_DEC:
-                        is_y = cols == y
-                        lq_h = log_prob(s, m_snt, log_dsnt, inv_T)
-                        lp_h = log_prob(t, m_tnt, log_dtnt, inv_T)
-                        q_h = tl.where(is_y, 0.0, tl.exp(lq_h))
-                        p_h = tl.where(is_y, 0.0, tl.exp(lp_h))
-                        if p == 0 or not NEED_SUMS:  # the pass that accumulates the loss
-                            kl_nc += tl.sum(tl.where(p_h > 0, p_h * (lp_h - lq_h), 0.0), 0)
-                        g += tl.where(is_y, T * alpha_n * (q_y - p_y),
-                                      T * (alpha_n * (p_y - q_y) * q_h + nckd_w * (q_h - p_h)))
-                    if USE_DTKD:
-                        lq_d = log_prob(s, m_sd, log_dsd, inv_Ts)
-                        lp_d = log_prob(t, m_td, log_dtd, inv_Tt)
-                        q_d = tl.exp(lq_d)
-                        p_d = tl.exp(lp_d)
-                        kl_dv = tl.where(p_d > 0, p_d * (lp_d - lq_d), 0.0)
-                        g += dtkd_w * T_t * (q_d - p_d)
-                        if p == 0 or not NEED_SUMS:  # the pass that accumulates the loss
-                            kl_d += tl.sum(kl_dv, 0)
-                        if p == 0:
-                            b1 += tl.sum(tl.where((q_d > 0) | (p_d > 0), (p_d - q_d) * (s - s_hi), 0.0), 0)
-                            b2 += tl.sum(tl.where(p_d > 0, (t - t_hi) * p_d * (lp_d - lq_d), 0.0), 0)
-                            b3 += tl.sum(tl.where(p_d > 0, (t - t_hi) * p_d, 0.0), 0)
-                        else:
-                            g = tl.where(cols == v_arg, g + extra, g)
-                    if USE_REL:
-                        g_I = _lookup(cols, rel_idx, rel_g, NEG_INF, REL_K)
-                        in_I = g_I != NEG_INF
-                        lq_r = log_prob(s, m_sR, log_dsR, inv_T)
-                        lp_r = log_prob(t, m_tR, log_dtR, inv_T)
-                        q_r = tl.where(in_I, 0.0, tl.exp(lq_r))
-                        p_r = tl.where(in_I, 0.0, tl.exp(lp_r))
-                        if p == 0 or not NEED_SUMS:  # the pass that accumulates the loss
-                            kl_rest += tl.sum(tl.where(p_r > 0, p_r * (lp_r - lq_r), 0.0), 0)
-                        g += tl.where(in_I, g_I, rest_w * T * (q_r - p_r))
-                    if USE_TDL:
-                        live = (cols < C) & (tl.abs(s) < float("inf")) & (tl.abs(t) < float("inf"))
-                        in_pos = _lookup(cols, pos_idx, pos_idx, BIG_IDX, K_PAD) != BIG_IDX
-                        in_neg = _lookup(cols, neg_idx, neg_idx, BIG_IDX, NEG_PAD) != BIG_IDX
-                        c1 = tl.where(in_pos, c1_pos, tl.where(in_neg, c1_neg, c1_non))
-                        c2 = tl.where(in_pos, c2_pos, tl.where(in_neg, c2_neg, c2_non))
-                        g += tl.where(live, c2 * s - c1 * t, 0.0)
-                    live_s = s_raw != NEG_INF
-                    if p == 0 and STANDARDIZE:
-                        sum_g += tl.sum(tl.where(live_s, g, 0.0), 0)
-                        sum_gz += tl.sum(tl.where(live_s, g * s, 0.0), 0)
-                    if p == 1:
-                        if STANDARDIZE:
-                            g = tl.where(live_s, (g - g_bar) * inv_s - gz_coef * s, 0.0)
-                        if USE_CE:
-                            g += ce_w * (tl.exp((s_raw - m_raw) - log_draw) - tl.where(cols == y, 1.0, 0.0))
-                        # NaN rows: NaN; empty rows: 0 (their g may hold −inf − (−inf))
-                        g = tl.where(row_ok, g * g_scale, tl.where(row_nan, float("nan"), 0.0))
-                        if WRITE_GRAD:
-                            tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < C)
-
-        # a KL that rounding made negative (fp32 at huge T) is clamped at 0; the gradient is unaffected
-        loss_el = T * T * (kd_w * _clamp_kl(kl_kd) + nckd_w * _clamp_kl(kl_nc) + rest_w * _clamp_kl(kl_rest))
-        if USE_DTKD:
-            loss_el += dtkd_w * T_t * T_s * _clamp_kl(kl_d)
-        loss = tl.where(row_ok, (loss_el + loss_row) * loss_w, tl.where(row_nan, float("nan"), 0.0))
-        if WANT_DTEMP:
-            dtemp = kd_w * (2.0 * T * kl_kd - (a1 + a2 - kl_kd * a3)) * row_scale
-            dtemp = tl.where(row_ok, dtemp, tl.where(row_nan, float("nan"), 0.0))
-
-    if WANT_DTEMP:
-        tl.store(dtemp_ptr + row, dtemp)
-    _reduce_batch(row, loss, row_loss_ptr, loss_ptr, ticket_ptr, labels_ptr, N, ignore_index, count,
-                  HAS_LABELS, HAVE_COUNT, REDUCTION, BATCH_BLOCK)
 
 
 @triton.jit

@@ -1,7 +1,8 @@
 """Small ``@triton.jit`` building blocks of the row engine (all operate on one row's block of columns).
 
-* online log-sum-exp: ``(m, d)`` in the logits' units (``LSE(x/T) = m/T + log d``), merged by
-  :func:`lse_merge`, read back by :func:`log_prob`; safe for all-``-inf`` blocks;
+* online log-sum-exp: a state ``(m, d)`` in the logits' units (``LSE(x/T) = m/T + log d``), folded
+  by :func:`lse_update`, merged by :func:`lse_merge`, read back by :func:`log_prob`; safe for
+  all-``-inf`` blocks;
 * streaming moments (Chan's merge of per-block mean/M2, plus min/max) for standardisation;
 * a running top-k list: ``K_PAD`` slots (key, index, two payloads) merged block by block by repeated
   extraction of the best candidate while it beats the list's worst; order is (key desc, index asc), so
@@ -23,13 +24,14 @@ def lse_init(zero):
 
 
 @triton.jit
-def lse_update(m, d, x, inv_t):
-    """Fold block ``x`` (logits, −inf = masked) into the state of LSE(x·inv_t).
+def lse_update(state, x, inv_t):
+    """Fold block ``x`` (logits, −inf = masked) into the state ``(m, d)`` of LSE(x·inv_t).
 
     The state is kept in the logits' own units: ``m`` = max x, ``d`` = Σ exp((x − m)·inv_t), so
     LSE = m·inv_t + log d is never formed (it would overflow when x/T does, and round away log d
     when |x|/T ≳ 1e7). Log-probabilities come from :func:`log_prob`. ``inv_t`` must be positive.
     A NaN or +inf entry makes ``d`` NaN (the caller turns that into a NaN row)."""
+    m, d = state
     m_new = tl.maximum(m, tl.max(x, 0))
     base = tl.where(m_new == -float("inf"), 0.0, m_new)
     d = d * tl.exp((m - base) * inv_t) + tl.sum(tl.exp((x - base) * inv_t), 0)
@@ -37,17 +39,27 @@ def lse_update(m, d, x, inv_t):
 
 
 @triton.jit
-def lse_merge(m1, d1, m2, d2, inv_t):
-    """The state of the union of two disjoint sets given by their states (same ``inv_t``)."""
+def lse_merge(a, b, inv_t):
+    """The state of the union of two disjoint sets from their states ``a``, ``b`` (same ``inv_t``)."""
+    m1, d1 = a
+    m2, d2 = b
     m = tl.maximum(m1, m2)
     base = tl.where(m == -float("inf"), 0.0, m)
     return m, d1 * tl.exp((m1 - base) * inv_t) + d2 * tl.exp((m2 - base) * inv_t)
 
 
 @triton.jit
-def log_prob(x, m, log_d, inv_t):
-    """log softmax of ``x·inv_t`` over the set whose state is ``(m, exp(log_d))``: (x − m)·inv_t − log d,
-    with masked entries (−inf) at −inf even when the set is empty."""
+def lse_norm(state):
+    """A finished state as ``(m, log d)``, the form :func:`log_prob` reads."""
+    m, d = state
+    return m, tl.log(d)
+
+
+@triton.jit
+def log_prob(x, norm, inv_t):
+    """log softmax of ``x·inv_t`` over the set whose finished state is ``norm = (m, log d)``:
+    (x − m)·inv_t − log d, with masked entries (−inf) at −inf even when the set is empty."""
+    m, log_d = norm
     return tl.where(x == -float("inf"), -float("inf"), (x - m) * inv_t - log_d)
 
 
