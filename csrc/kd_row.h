@@ -440,8 +440,9 @@ KD_FN void set_decoupled(RowState<A>& rs, const View& v, const KdParams& P) {
   if (P.adaptive_tckd) rs.alpha = rs.alpha * kmin(bt0 > A(0) ? kexp(lbt0 - lbs0) : A(0), A(P.max_weight));
 }
 
-//: LDRLD's local term on I: reads the k selected columns ((z − m)/T into sh.rel_s / rel_t), then pair
-//: terms (rank r handled by lane r mod lanes) + set term, and each member's sparse gradient (sh.rel_g).
+//: LDRLD's local term on I: reads the k selected columns (raw, in double, into sh.rel_s / rel_t; scaled as
+//: (z − max_I z)/T, shifted by the set's own maximum so nothing outside I costs precision), then pair terms
+//: (rank r handled by lane r mod lanes) + set term, and each member's sparse gradient (sh.rel_g).
 //: O(k²) scalar work per row, done in double: its KLs of nearly equal distributions cancel.
 template <class Exec, class View, class A>
 KD_FN A local_term(const Exec& ex, const View& v, RowShared<A>& sh, const RowState<A>& rs, const KdParams& P) {
@@ -449,19 +450,21 @@ KD_FN A local_term(const Exec& ex, const View& v, RowShared<A>& sh, const RowSta
   const int k = static_cast<int>(P.rel_k);
   for (int i = ex.lane(); i < k; i += ex.lanes()) {
     const int c = sh.rel.idx[i];
-    sh.rel_s[i] = (v.s(c) - rs.m_s) * rs.iT;
-    sh.rel_t[i] = (v.t(c) - rs.m_t) * rs.iT;
+    sh.rel_s[i] = W(v.s(c));
+    sh.rel_t[i] = W(v.t(c));
   }
   ex.sync();
   const W T = W(rs.T);
   const W npairs1 = W(k * (k - 1) / 2) + W(1);
   W ms = -kinf<W>(), mt = -kinf<W>();
-  for (int i = 0; i < k; ++i) { ms = kmax(ms, W(sh.rel_s[i])); mt = kmax(mt, W(sh.rel_t[i])); }
+  for (int i = 0; i < k; ++i) { ms = kmax(ms, sh.rel_s[i]); mt = kmax(mt, sh.rel_t[i]); }
   ms = kshift(ms);
   mt = kshift(mt);
+  auto zs = [&](int i) { return (sh.rel_s[i] - ms) / T; };
+  auto zt = [&](int i) { return (sh.rel_t[i] - mt) / T; };
   W ss = W(0), st = W(0);
-  for (int i = 0; i < k; ++i) { ss += kexp(W(sh.rel_s[i]) - ms); st += kexp(W(sh.rel_t[i]) - mt); }
-  const W ls = ms + klog(ss), lt = mt + klog(st);
+  for (int i = 0; i < k; ++i) { ss += kexp(zs(i)); st += kexp(zt(i)); }
+  const W ls = klog(ss), lt = klog(st);
   W lpart = W(0);
   for (int i = ex.lane(); i < k; i += ex.lanes()) {
     W gi = W(0);
@@ -470,11 +473,11 @@ KD_FN A local_term(const Exec& ex, const View& v, RowShared<A>& sh, const RowSta
       const int lo = i < j ? i : j, hi = i < j ? j : i;
       const W w = pair_weight(W(P.rel_delta), W(P.rel_lambda), W(P.rel_eps), lo + 1, hi + 1);
       W l, d;
-      bernoulli_kl(W(sh.rel_t[lo]) - W(sh.rel_t[hi]), W(sh.rel_s[lo]) - W(sh.rel_s[hi]), l, d);
+      bernoulli_kl((sh.rel_t[lo] - sh.rel_t[hi]) / T, (sh.rel_s[lo] - sh.rel_s[hi]) / T, l, d);
       if (i < j) { lpart += w * l; gi += w * d; }
       else { gi -= w * d; }
     }
-    const W lq = W(sh.rel_s[i]) - ls, lp = W(sh.rel_t[i]) - lt;
+    const W lq = zs(i) - ls, lp = zt(i) - lt;
     const W p = kexp(lp);
     if (p > W(0)) lpart += p * (lp - lq);
     gi += kexp(lq) - p;

@@ -47,7 +47,8 @@ template <class A>
 struct RowShared {
   Sel<A> tsm, rel, pos, neg;
   A tsm_val[kMaxTopK];                       // t' of the TSM members, by rank
-  A rel_s[kMaxTopK], rel_t[kMaxTopK];        // zs, zt of LDRLD's set I, by rank
+  double rel_s[kMaxTopK], rel_t[kMaxTopK];   // s̃, t' of LDRLD's set I, by rank, in double (the local term's
+                                             // arithmetic; scaled there by its own shift)
   A rel_g[kMaxTopK];                         // sparse gradient (w.r.t. s̃) of L_local, by rank
   A red[32 * kRedWidth];                     // reduction scratch (CUDA)
   int red_i[32];

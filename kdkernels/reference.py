@@ -17,9 +17,9 @@ Row semantics (README "Numeric semantics", shared by every backend):
 * a NaN or ``+inf`` in the student or teacher of a non-ignored row, or a bad label: loss NaN and the
   whole gradient row NaN (also ∂/∂T);
 * a fully masked row (the student or the teacher has no finite logit): loss 0, gradient 0, still counted;
-* scaled logits are shifted by their (detached, finite) row maximum, ``(x − max)/T``: every use of them is
-  shift invariant (log-softmax, logsumexp, differences), so this is the same formula, exact where ``x/T``
-  itself would overflow;
+* a row whose ``x/T`` (or a transform: standardisation, TSM) overflows the accumulation dtype is NaN —
+  never a finite wrong number (the fused backends compute such rows exactly, shifted by the row maximum;
+  the float64 reference does not overflow there);
 * KL values are clamped at 0 where rounding makes them negative (value only: the gradient is the KL's);
 * DTKD uses ``T_s = T_t = τ`` where ``x ≤ 0`` or ``v ≤ 0`` (extends the published ``x + v ≤ 0`` guard);
 * standardisation of a constant row (max = min over the finite entries) has σ = 0 exactly and Z = 0.
@@ -67,20 +67,18 @@ def clamp_kl(kl: torch.Tensor) -> torch.Tensor:
     return kl + (kl.clamp(min=0) - kl).detach()
 
 
-def row_shift(x: torch.Tensor) -> torch.Tensor:
-    """The detached row maximum of ``x`` [N, C] as [N, 1], 0 where it is not finite."""
-    m = x.detach().amax(-1, keepdim=True)
-    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+def scaled(x: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """x / T with masked (−inf) entries kept at −inf and out of the autograd graph: their derivative
+    w.r.t. a learnable or dynamic temperature (−x/T²) would be inf·0 = NaN otherwise."""
+    live = x != -math.inf
+    return torch.where(live, torch.where(live, x, torch.zeros_like(x)) / T, torch.full_like(x, -math.inf))
 
 
 def scaled(x: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
-    """(x − max_row x)/T with masked (−inf) entries kept at −inf and out of the autograd graph (their
-    derivative w.r.t. a learnable or dynamic temperature would be inf·0 = NaN otherwise). The shift by
-    the detached row maximum leaves every use (log-softmax, logsumexp, differences) unchanged and keeps
-    finite logits finite where x/T would overflow."""
+    """x / T with masked (−inf) entries kept at −inf and out of the autograd graph: their derivative
+    w.r.t. a learnable or dynamic temperature (−x/T²) would be inf·0 = NaN otherwise."""
     live = x != -math.inf
-    shifted = torch.where(live, x - row_shift(x), torch.zeros_like(x))
-    return torch.where(live, shifted / T, torch.full_like(x, -math.inf))
+    return torch.where(live, torch.where(live, x, torch.zeros_like(x)) / T, torch.full_like(x, -math.inf))
 
 
 def _log_softmax_masked(z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -306,9 +304,12 @@ def logit_distill_rows(s: torch.Tensor, t: torch.Tensor, labels: Optional[torch.
     if spec.standardize:
         s = standardize(s)
     t = teacher_transform(t, spec, y if labels is not None else None)
-    # a transform that overflowed (huge finite logits) leaves a NaN / +inf: that row is NaN, as on the
-    # fused backends (which check the transformed row)
-    late = live & (poisoned(s.detach()) | poisoned(t.detach()))
+    # a transform that overflowed (huge finite logits) leaves a NaN / +inf, and so does x/T where it
+    # overflows the accumulation dtype: that row is NaN (never a finite wrong number; the fused backends
+    # check their transformed row the same way, and compute x/T shifted by the row maximum, exactly)
+    overflow = ~torch.isfinite(s.detach().amax(-1) / T.detach().squeeze(-1)) | \
+        ~torch.isfinite(t.detach().amax(-1) / T.detach().squeeze(-1))
+    late = live & (poisoned(s.detach()) | poisoned(t.detach()) | overflow)
     nan_rows, live = nan_rows | late, live & ~late
 
     zs, zt = scaled(s, T), scaled(t, T)
