@@ -375,3 +375,13 @@ def test_gpu_ticket_cached_per_stream_rearmed_and_reduction_deterministic():
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
         assert E.launcher.ticket(s.device) is not counter
+
+
+def test_an_infinite_row_loss_reduces_to_inf_not_nan(gen):
+    """A class the student masks (−inf) but the teacher does not: KL = +inf for that row; the in-kernel
+    sum is +inf (its accumulator must not start as row_loss·0)."""
+    s, t, y = make_inputs(gen, 3, 10, torch.float32, masked=False, ignore=False)
+    s[2, 4] = float("-inf")
+    for reduction in ("sum", "batchmean"):
+        loss, grad, _ = fused(s, t, y, presets(10)["kd"].replace(reduction=reduction))
+        assert loss == float("inf") and torch.isfinite(grad).all(), (reduction, loss)

@@ -902,7 +902,7 @@ def _reduce_batch(row, row_loss, row_loss_ptr, loss_ptr, ticket_ptr, labels_ptr,
         ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
         if ticket == N - 1:
             offs = tl.arange(0, BATCH_BLOCK)
-            total = row_loss * 0.0
+            total = tl.zeros([], row_loss.dtype)  # (not row_loss·0: an infinite row would give NaN)
             for start in range(0, N, BATCH_BLOCK):
                 idx = start + offs
                 # .cg: read from L2, where the other programs' release made the stores visible
