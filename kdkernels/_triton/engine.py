@@ -611,23 +611,24 @@ def _pass_restricted(ref, offs, xf, inv_T, inv_Ts, inv_Tt, rel_idx, pos_idx, neg
     dot_n = zero
     nu_n = zero
     nv_n = zero
-    for start in range(0, ref[2], BLOCK_C):
-        cols = start + offs
-        s_raw, s, t = _load_block(ref, cols, xf, STANDARDIZE, USE_TSM, TSM_K, SINGLE_BLOCK, False, ACC)
-        if USE_REL:
-            in_I = _lookup(cols, rel_idx, rel_idx, BIG_IDX, REL_K) != BIG_IDX
-            lse_sR = lse_update(lse_sR, tl.where(in_I, -float("inf"), s), inv_T)
-            lse_tR = lse_update(lse_tR, tl.where(in_I, -float("inf"), t), inv_T)
-        if USE_TDL:
-            grouped = (_lookup(cols, pos_idx, pos_idx, BIG_IDX, K_PAD) != BIG_IDX) | \
-                      (_lookup(cols, neg_idx, neg_idx, BIG_IDX, NEG_PAD) != BIG_IDX)
-            dot_b, nu_b, nv_b = _cos_group(s, t, (cols < ref[2]) & (~grouped))
-            dot_n += dot_b
-            nu_n += nu_b
-            nv_n += nv_b
-        if USE_DTKD:
-            lse_sd = lse_update(lse_sd, s, inv_Ts)
-            lse_td = lse_update(lse_td, t, inv_Tt)
+    if USE_REL or USE_TDL or USE_DTKD:  # else P4 does not run (no reads)
+        for start in range(0, ref[2], BLOCK_C):
+            cols = start + offs
+            s_raw, s, t = _load_block(ref, cols, xf, STANDARDIZE, USE_TSM, TSM_K, SINGLE_BLOCK, False, ACC)
+            if USE_REL:
+                in_I = _lookup(cols, rel_idx, rel_idx, BIG_IDX, REL_K) != BIG_IDX
+                lse_sR = lse_update(lse_sR, tl.where(in_I, -float("inf"), s), inv_T)
+                lse_tR = lse_update(lse_tR, tl.where(in_I, -float("inf"), t), inv_T)
+            if USE_TDL:
+                grouped = (_lookup(cols, pos_idx, pos_idx, BIG_IDX, K_PAD) != BIG_IDX) | \
+                          (_lookup(cols, neg_idx, neg_idx, BIG_IDX, NEG_PAD) != BIG_IDX)
+                dot_b, nu_b, nv_b = _cos_group(s, t, (cols < ref[2]) & (~grouped))
+                dot_n += dot_b
+                nu_n += nu_b
+                nv_n += nv_b
+            if USE_DTKD:
+                lse_sd = lse_update(lse_sd, s, inv_Ts)
+                lse_td = lse_update(lse_td, t, inv_Tt)
     return lse_sR, lse_tR, lse_sd, lse_td, (dot_n, nu_n, nv_n)
 
 
