@@ -121,7 +121,7 @@ def main(argv=None) -> int:
           f"copy bandwidth {bw['copy_GBps']:.1f} GB/s; writing to {out_dir}", file=sys.stderr)
     rows = runner.run(cases, on_case_done=lambda rows: report.write_all(out_dir, stem, rows, prov, extra, title))
     paths = report.write_all(out_dir, stem, rows, prov, extra, title)
-    pngs, note = ([], "plots skipped (--no-plots)") if args.no_plots else plots.write_plots(out_dir, stem, rows)
+    pngs, note = ([], "plots skipped (--no-plots)") if args.no_plots else plots.write_plots(out_dir, stem, rows, prov["device"])
 
     print(f"\n{title}")
     print(f"{prov['date']} · torch {prov['torch']} · triton {prov['triton']} · commit {prov['git_commit']} · "
