@@ -61,8 +61,8 @@ def parse(argv=None):
                     help="skip cases whose largest tensor ([N, C], or [M, M] for contrastive) has more elements "
                          "(default 2**26 on CPU, no limit on CUDA)")
     ap.add_argument("--threads", type=int, default=0,
-                    help="CPU intra-op threads (torch.set_num_threads); default: 1 for the quick suite on CPU "
-                         "(steady on a shared machine), else torch's default")
+                    help="CPU intra-op threads (torch.set_num_threads); default 1 on CPU (steady on a shared "
+                         "machine; always reported)")
     ap.add_argument("--compile-all", action="store_true", help="quick suite on CPU: compile every method")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
                           ("cpu" if args.device == "auto" else args.device))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
-    threads = args.threads or (1 if args.suite == "quick" and device.type != "cuda" else 0)
+    threads = args.threads or (1 if device.type != "cuda" else 0)  # CPU: a fixed, reported thread count
     if threads:
         torch.set_num_threads(threads)
     methods = _list(args.methods, METHODS, "methods")
@@ -105,7 +105,8 @@ def main(argv=None) -> int:
     prov = env.provenance(device)
     prov["command"] = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
     extra = {"suite": args.suite, "modes": ", ".join(modes),
-             **({"threads": f"{threads} (set by --threads or the quick-suite default on CPU)"} if threads else {}),
+             **({"threads": f"{threads} (--threads; CPU providers are timed interleaved, call by call)"}
+                if threads else {}),
              "copy bandwidth": f"{bw['copy_GBps']:.1f} GB/s (copy_ of {bw['copy_MiB']:.0f} MiB, bytes = 2 x size)"}
     extra.update({f"matmul {dt}": f"{v:.2f} TFLOP/s" for dt, v in mm.items()})
     extra.update({f"provider {p.name}": p.description for p in providers})
@@ -131,6 +132,8 @@ def main(argv=None) -> int:
     skipped = report.skipped_summary(rows)
     if skipped:
         print("\nskipped:\n" + skipped)
+    for warning in report.spread_warnings(rows):
+        print("WARNING: " + warning, file=sys.stderr)
     print(f"\nrows: {report.counts(rows)}")
     print("files: " + ", ".join(os.path.relpath(p) for p in list(paths.values()) + pngs) + (f"\n{note}" if note else ""))
     print(f"wall time {time.monotonic() - wall0:.1f} s")
