@@ -44,7 +44,7 @@ class Runner:
 
     def __init__(self, providers, device, modes=MODES, warmup_ms=25.0, rep_ms=100.0, copy_GBps=None,
                  matmul_TFLOPs=None, deadline=None, budget_note="", progress=True, stream=None, min_reps=5,
-                 max_elements=None):
+                 max_elements=None, verify_only=False):
         self.providers, self.device, self.modes = providers, torch.device(device), tuple(modes)
         self.warmup_ms, self.rep_ms, self.min_reps = warmup_ms, rep_ms, min_reps
         self.copy_GBps, self.matmul_TFLOPs = copy_GBps, matmul_TFLOPs or {}
@@ -53,6 +53,7 @@ class Runner:
         #: cases with more elements per input are skipped (default: 2**26 on CPU, no limit on CUDA)
         self.max_elements = max_elements if max_elements is not None else (
             1 << 26 if self.device.type == "cpu" else 0)
+        self.verify_only = verify_only  # spot checks: verify every row, time none
         self.rows = []
 
     # ------------------------------------------------------------------------------------------
@@ -172,6 +173,11 @@ class Runner:
     def _time(self, case, pending, bar):
         """Time the verified closures: on CPU all together, interleaved call by call (a busy machine slows
         every provider alike); on CUDA one after the other with do_bench."""
+        if self.verify_only:
+            for case_, p, mode, fields, fn in pending:
+                self._emit(case_, p, mode, "ok", reason="verified only (--verify-only)", **fields)
+                bar.step(f"{case_.label} {mode} {p.name}: verified")
+            return
         times = {}
         if self.device.type == "cpu" and len(pending) > 1:
             try:

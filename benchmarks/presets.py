@@ -100,6 +100,9 @@ SHAPES = {s.name: s for s in [
     ShapeClass("V=128k", 128 * 1024, 128 * 1024 // REAL_BLOCK * STANDIN_BLOCK, STANDIN_BLOCK, 1),
 ]}
 
+#: the smallest streamed stand-in (4 blocks of 16 columns, one row): what CI's budget test runs
+STREAMED_SMALL = ShapeClass("streamed (4 blocks)", 4 * REAL_BLOCK, 4 * STANDIN_BLOCK, STANDIN_BLOCK, 1)
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 

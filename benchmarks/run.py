@@ -23,7 +23,7 @@ from .providers import all_providers, select
 from .shapes import DTYPES, METHODS, suite_cases
 from .timing import copy_bandwidth, matmul_tflops
 
-SUITES = ("quick", "imagenet", "llm", "contrastive", "all", "tiny")
+SUITES = ("quick", "imagenet", "llm", "contrastive", "headline", "all", "tiny")
 QUICK_COMPILE_REASON = ("quick suite on CPU: torch.compile timed for kd only (inductor needs ~10 s per method "
                         "and mode on 2 cores); pass --compile-all")
 
@@ -64,6 +64,10 @@ def parse(argv=None):
                     help="CPU intra-op threads (torch.set_num_threads); default 1 on CPU (steady on a shared "
                          "machine; always reported)")
     ap.add_argument("--compile-all", action="store_true", help="quick suite on CPU: compile every method")
+    ap.add_argument("--compile-methods", help="comma list: time torch.compile for these methods only "
+                                              "(inductor compiles take tens of seconds each)")
+    ap.add_argument("--verify-only", action="store_true",
+                    help="check every provider against the float64 reference, time nothing (spot checks)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a row failed")
@@ -88,7 +92,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"suite {args.suite} has no case for methods={methods} dtypes={dtypes}")
 
     quick_cpu = args.suite == "quick" and device.type != "cuda" and not args.compile_all
-    providers = all_providers(("kd",) if quick_cpu else None, QUICK_COMPILE_REASON if quick_cpu else "")
+    compile_only, compile_reason = (("kd",), QUICK_COMPILE_REASON) if quick_cpu else (None, "")
+    if args.compile_methods:
+        compile_only = tuple(_list(args.compile_methods, METHODS, "methods"))
+        compile_reason = f"torch.compile timed for {args.compile_methods} only in this run (--compile-methods)"
+    providers = all_providers(compile_only, compile_reason)
     try:
         providers = select(args.providers.split(",") if args.providers else None, providers)
     except ValueError as exc:
@@ -117,7 +125,8 @@ def main(argv=None) -> int:
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None
     runner = Runner(providers, device, modes, warmup, rep, bw["copy_GBps"], mm, deadline,
                     f" (--max-minutes {args.max_minutes})", progress=not args.quiet,
-                    min_reps=3 if cpu and args.suite == "quick" else 5, max_elements=args.max_elements)
+                    min_reps=3 if cpu and args.suite == "quick" else 5, max_elements=args.max_elements,
+                    verify_only=args.verify_only)
     print(f"{title}\n  {len(cases)} cases x {len(providers)} providers x {len(modes)} modes; "
           f"copy bandwidth {bw['copy_GBps']:.1f} GB/s; writing to {out_dir}", file=sys.stderr)
     rows = runner.run(cases, on_case_done=lambda rows: report.write_all(out_dir, stem, rows, prov, extra, title))

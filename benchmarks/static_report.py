@@ -5,6 +5,12 @@ from __future__ import annotations
 SPREAD_WARNING = 0.25
 
 
+def _order(preset: str) -> int:
+    from .presets import PRESETS
+    names = list(PRESETS)
+    return names.index(preset) if preset in names else len(names)
+
+
 def _f(v, digits=3):
     if v is None:
         return "–"
@@ -23,7 +29,7 @@ def transfer_table(res) -> list:
     head = ["preset", "shape", "dtype", "s", "t", "grad", "total", "total go≠1", "regs", "spills", "CTAs/SM",
             "ld bits", "insn/col"]
     rows = []
-    for label, tr in res["transfers"].items():
+    for label, tr in sorted(res["transfers"].items(), key=lambda kv: _order(kv[0].split(" ")[0])):
         preset, shape, dtype = label.split(" ")
         cf = compile_table.get(label, {})
         rows.append([preset, shape, dtype, _f(tr["s"]), _f(tr["t"]), _f(tr["grad"]), f"**{tr['total']:.3g}**",
@@ -36,7 +42,7 @@ def launch_table(res) -> list:
     head = ["preset", "no labels go=1", "no labels go≠1", "labels go=1", "labels go≠1", "Triton launches (labels go=1)",
             "ops dispatched (labels go=1)", "eager baseline ATen kernels"]
     rows = []
-    for preset, row in res["launches"].items():
+    for preset, row in sorted(res["launches"].items(), key=lambda kv: _order(kv[0])):
         cells = [_f(row[k]["device_kernels"]) if row.get(k) else "n/a (needs labels)"
                  for k in ("no_labels go=1", "no_labels go!=1", "labels go=1", "labels go!=1")]
         lab = row["labels go=1"]
@@ -49,7 +55,7 @@ def host_table(res) -> list:
     head = ["preset", "kdk-cpu µs", "× eager KD", "± spread", "eager (published) µs", "× eager KD",
             "reference µs", "× eager KD"]
     rows = []
-    for preset, prov in host["rows"].items():
+    for preset, prov in sorted(host["rows"].items(), key=lambda kv: _order(kv[0])):
         k, e, r = prov["kdk-cpu"], prov["eager"], prov["reference"]
         rows.append([preset, _f(k["us"]), f"**{k['ratio']:.2f}**", f"{100 * k['spread']:.0f}%", _f(e["us"]),
                      f"{e['ratio']:.2f}", _f(r["us"]), f"{r['ratio']:.2f}"])
@@ -78,6 +84,28 @@ def cuda_table(res) -> list:
     return [f"`{cuda['command']}` ({cuda['nvcc']})", ""] + _table(head, rows)
 
 
+def summary_table(res, single=("C=1000", "fp32"), streamed=("V=128k", "bf16")) -> list:
+    """One row per preset: the headline static figures (the README's Benchmarks section quotes it)."""
+    head = [f"preset", f"transfers {single[0]} {single[1]}", f"transfers {streamed[0]} {streamed[1]}",
+            "launches no labels / labels", "host × eager KD",
+            f"sm_90 {streamed[0]} {streamed[1]}: regs / spills / CTAs", "insn/col"]
+    rows = []
+    cf = res.get("compile", {}).get("table", {})
+    for preset in sorted(res["presets"], key=_order):
+        a = res["transfers"].get(f"{preset} {single[0]} {single[1]}", {})
+        b = res["transfers"].get(f"{preset} {streamed[0]} {streamed[1]}", {})
+        la = res["launches"].get(preset, {})
+        nl, lab = la.get("no_labels go=1"), la.get("labels go=1")
+        host = res["host"]["rows"].get(preset, {}).get("kdk-cpu", {})
+        c = cf.get(f"{preset} {streamed[0]} {streamed[1]}", {})
+        rows.append([preset, _f(a.get("total")), _f(b.get("total")),
+                     f"{nl['device_kernels'] if nl else 'n/a'} / {lab['device_kernels'] if lab else 'n/a'}",
+                     _f(host.get("ratio"), 2),
+                     f"{_f(c.get('registers'))} / {_f(c.get('spills'))} / {_f(c.get('ctas_per_sm'))}",
+                     _f(c.get("insn_per_column"), 3)])
+    return _table(head, rows)
+
+
 def warnings(res) -> list:
     out = []
     for preset, prov in res["host"]["rows"].items():
@@ -94,6 +122,12 @@ def markdown(res) -> str:
         "# kdkernels static performance figures (sm_90 compile + interpreter counts; not GPU measurements)", "",
         f"{prov['date']} · commit {prov['git_commit']} · torch {prov['torch']} · triton {prov['triton']} · "
         f"`{prov['command']}` · {res['runtime_s']} s on {prov['device']}", "",
+        "## Summary", "",
+        "Transfers per element of a fwd+bwd call (floor 3.0), device kernels per fwd+bwd call (Triton launches "
+        "+ ATen kernels), host time per call ÷ eager mdistiller KD (cpu backend, tiny input), sm_90 facts and "
+        "thread-instructions per column of the streamed LLM row. Details below.", ""] + (
+        summary_table(res) if not res.get("quick") else summary_table(res, streamed=("V=32k", "bf16"))) + [
+        "",
         "## Transfers and sm_90 facts per preset × shape × dtype", "",
         "**Transfers**: bytes a fwd+bwd call moves per tensor (loads of s and t, stores of the gradient) divided "
         "by N·C·itemsize, counted in the Triton interpreter over the unmasked lanes (DRAM-pessimistic: no cache). "
