@@ -257,13 +257,87 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "liger" in text  # a Liger row for kd: skipped with the reason (not installed / no CUDA here)
 
 
-def test_gpu_check_script_parses():
+def test_gpu_check_script_is_one_call_of_at_most_seven_minutes():
     script = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
     assert subprocess.run(["bash", "-n", script]).returncode == 0
-    dry = subprocess.run(["bash", script, "--dry-run", "all"], capture_output=True, text=True, cwd=ROOT,
-                         env=dict(os.environ, OUT=""), timeout=60)
-    assert dry.returncode == 0, dry.stderr
-    for needle in ("pip install --no-deps --no-build-isolation -e .", "KDKERNELS_BUILD_CUDA=1",
-                   "KDKERNELS_TEST_DEVICE=cuda", "--suite imagenet", "--suite llm", "--suite contrastive"):
-        assert needle in dry.stdout, needle
-    assert "TRITON_INTERPRET=1" not in dry.stdout
+    text = open(script).read()
+    assert "GPU_CHECK_SECONDS:-420" in text  # the default budget: 7 minutes
+    env = dict(os.environ, OUT="")
+    main = subprocess.run(["bash", script, "--dry-run"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    assert main.returncode == 0, main.stderr
+    order = ["benchmarks.timing cuda", "KDKERNELS_BUILD_CUDA=0", "pip install --no-deps --no-build-isolation -e .",
+             "--suite headline --mode fwd+bwd --providers kdk-triton --verify-only",
+             "--suite headline --mode fwd+bwd --providers kdk-triton,eager,compile", "ncu --csv", "benchmarks.ncu_probe"]
+    pos = [main.stdout.find(needle) for needle in order]
+    assert all(p >= 0 for p in pos) and pos == sorted(pos), list(zip(order, pos))  # in priority order
+    assert "pytest" not in main.stdout and "TRITON_INTERPRET=1" not in main.stdout
+    tests = subprocess.run(["bash", script, "--dry-run", "tests"], capture_output=True, text=True, cwd=ROOT,
+                           env=env, timeout=60)
+    assert tests.returncode == 0, tests.stderr
+    for needle in ("KDKERNELS_BUILD_CUDA=1", "KDKERNELS_TEST_DEVICE=cuda", "tests/test_parity.py"):
+        assert needle in tests.stdout, needle
+    assert subprocess.run(["bash", script, "--dry-run", "nope"], capture_output=True, cwd=ROOT).returncode == 2
+
+
+def test_headline_suite_has_the_gpu_call_shapes():
+    cases = suite_cases("headline", "cuda")
+    assert {(c.N, c.C, c.dtype) for c in cases} == {(1024, 1000, "fp32"), (8192, 1000, "fp32"),
+                                                     (16384, 131072, "bf16")}
+    assert {c.method for c in cases} == {"kd", "dkd", "ldrld", "topkd", "dtkd"}
+
+
+def test_verify_only_rows_are_checked_not_timed():
+    rows = Runner([Reference()], CPU, modes=("fwd+bwd",), verify_only=True, **FAST).run([tiny("kd")])
+    assert rows[0]["status"] == "ok" and rows[0]["time_ms"] is None and rows[0]["grad_err"] < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------
+# the static instruments' parsers (the measurements themselves: tests/test_budgets.py)
+# ---------------------------------------------------------------------------------------------------
+SASS = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E.64 R2, desc[UR16][R2.64] ;
+        /*0020*/              @!P5 LDG.E.EL.128 R8, desc[UR10][R6.64] ;
+        /*0030*/                   FADD R4, R4, R5 ;
+        /*0040*/                   NOP ;
+        /*0050*/              @!P6 BRA 0x20 ;
+        /*0060*/                   STG.E desc[UR4][R2.64], R4 ;
+        /*0070*/              @!P1 BRA 0x60 ;
+        /*0080*/                   EXIT ;
+        /*0090*/                   BRA 0x90;
+"""
+
+
+def test_sass_hot_loops_and_vector_width():
+    from benchmarks import compile_facts as cf
+    insns = [(a, i) for a, i in cf.parse_sass(SASS) if not i.startswith("NOP")]
+    assert insns[0] == (0, "LDC R1, c[0x0][0x28]") and len(insns) == 9
+    loops = cf.hot_loops(insns)  # 0x20..0x50 holds a load; 0x60..0x70 (a store loop) does not
+    assert loops == [{"start": 0x20, "end": 0x50, "instructions": 3, "ldg_bits": [128]}]
+
+
+def test_ctas_per_sm_and_ptxas_log():
+    from benchmarks import compile_facts as cf
+    assert cf.ctas_per_sm(64, 8, 32) == 4        # 64 regs x 256 threads: 16384 of 65536 registers
+    assert cf.ctas_per_sm(255, 8, 0) == 1
+    assert cf.ctas_per_sm(32, 2, 0) == 32        # the CTA limit
+    assert cf.ctas_per_sm(32, 4, 200_000) == 1   # shared memory
+    log = ("ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90'\n"
+           "ptxas info    : Function properties for _Z3fooPf\n"
+           "    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
+           "ptxas info    : Used 106 registers, used 0 barriers, 392 bytes cmem[0]\n")
+    (row,) = cf.parse_ptxas(log)
+    assert (row["arch"], row["registers"], row["stack"], row["spill_stores"], row["spill_loads"]) == \
+        ("sm_90", 106, 8, 4, 4)
+    assert row["kernel"] in ("foo(float*)", "_Z3fooPf")
+
+
+def test_op_classification():
+    from benchmarks.instruments import OpCounter, classify_ops
+    x = torch.randn(4, 5, requires_grad=True)
+    with OpCounter() as ops:
+        y = x.view(20).sum() * 2
+        torch.autograd.grad(y, x, torch.ones(()))
+    kinds = classify_ops(ops.ops)
+    assert "aten::sum" in kinds["aten_kernels"] and "aten::view" in kinds["aten_free"]
+    assert "aten::mul" in kinds["aten_kernels"] and not kinds["custom"]
