@@ -50,8 +50,11 @@ def engine_jobs(cells) -> list:
     jobs = []
     for preset, shape, dtype in cells:
         p, sh = PRESETS[preset], SHAPES[shape]
-        jobs.append(engine_job(p.build(), DTYPES[dtype], sh.C, f"{preset} {shape} {dtype}",
-                               has_labels=p.needs_labels))
+        label = f"{preset} {shape} {dtype}"
+        try:
+            jobs.append(engine_job(p.build(), DTYPES[dtype], sh.C, label, has_labels=p.needs_labels))
+        except TypeError:  # a job builder without the has_labels keyword
+            jobs.append(engine_job(p.build(), DTYPES[dtype], sh.C, label))
     return jobs
 
 
