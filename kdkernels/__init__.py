@@ -6,6 +6,7 @@ it in. Backends: ``reference`` (plain PyTorch autograd), ``triton``, ``cuda`` an
 """
 from . import nn, reference
 from .dispatch import BACKENDS, BackendUnavailableError
+from .engine import repeatable_backward
 from .contrastive import info_nce, msd_contrastive_loss
 from .functional import (aekt_loss, dkd_loss, dtkd_loss, kd_loss, ldrld_loss, logit_distill,
                          topkd_loss)
@@ -16,5 +17,6 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "Decoupled", "LogitDistill", "RankRelation",
     "TopKDecoupled", "TopKScale", "aekt_loss", "dkd_loss", "dtkd_loss", "info_nce", "kd_loss",
-    "ldrld_loss", "logit_distill", "msd_contrastive_loss", "nn", "reference", "topkd_loss",
+    "ldrld_loss", "logit_distill", "msd_contrastive_loss", "nn", "reference", "repeatable_backward",
+    "topkd_loss",
 ]

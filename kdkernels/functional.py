@@ -6,6 +6,7 @@ Positional arguments of :func:`kd_loss` and :func:`dkd_loss` follow mdistiller's
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -14,7 +15,7 @@ import torch
 from . import reference
 from .contrastive import info_nce
 from .dispatch import load_launcher, resolve
-from .engine import LogitDistillFunction, reduce_loss, valid_rows
+from .engine import as_contract2, fused_logit_distill
 from .spec import Decoupled, LogitDistill, RankRelation, TopKDecoupled, TopKScale
 from .validation import check_logits, check_mode, check_values, flatten_labels, flatten_temperature
 
@@ -27,7 +28,9 @@ def logit_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     """Evaluate a :class:`LogitDistill` spec on logits ``[..., C]`` (leading dims are rows).
 
     Returns a 0-dim loss (``batchmean``/``sum``) or the per-row losses shaped like the leading dims
-    (``none``). Only the student logits (and a learnable temperature) receive gradients.
+    (``none``), multiplied by ``spec.loss_weight``. The student logits (and a learnable temperature)
+    receive the fused gradient; teacher logits that require grad receive theirs from the reference
+    formulas (online/mutual distillation; an extra eager evaluation, see the docs).
     """
     if not isinstance(spec, LogitDistill):
         raise TypeError(f"spec must be a kdkernels.LogitDistill, got {type(spec).__name__}")
@@ -41,6 +44,10 @@ def logit_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         raise ValueError("this loss needs labels (ce_weight > 0 or a decoupled/dkd/aekt term)")
     if spec.contrastive_weight != 0 and spec.reduction == "none":
         raise ValueError("the batch-coupled contrastive term has no per-row value: use reduction='batchmean' or 'sum'")
+    if spec.contrastive_weight != 0 and spec.inplace:
+        raise ValueError("inplace=True cannot be combined with contrastive_weight != 0: the contrastive term "
+                         "still needs the student logits after the fused kernel has overwritten them "
+                         "with the gradient. Use inplace=False")
     temperature = None
     if isinstance(spec.temperature, torch.Tensor):
         temperature = flatten_temperature(spec.temperature, lead, N, s.device)
@@ -50,20 +57,58 @@ def logit_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     name = resolve(backend, s.device)
 
     if name == "reference" or N == 0:
-        rows = reference.logit_distill_rows(s2d, t2d, labels, spec, temperature)
-        loss = reduce_loss(rows, valid_rows(labels, spec, N)[0], spec.reduction)
+        loss = reference_loss(s2d, t2d, labels, spec, temperature,
+                              teacher_grad=t.requires_grad and torch.is_grad_enabled())
     else:
         if s2d.stride(-1) != 1:
             s2d = s2d.contiguous()
         if t2d.stride(-1) != 1:
             t2d = t2d.contiguous()
-        launcher, _ = load_launcher("logit", name)
-        loss = LogitDistillFunction.apply(s2d, t2d, labels, temperature, spec.packed(), launcher)
+        launcher = as_contract2(load_launcher("logit", name)[0])
+        loss = fused_logit_distill(s2d, t2d.detach(), labels, temperature, packed(spec), launcher)
+        if t.requires_grad and torch.is_grad_enabled():
+            loss = loss + _teacher_gradient_term(s2d, t2d, labels, spec, temperature)
     if spec.reduction == "none":
         return loss.reshape(lead)
     if spec.contrastive_weight != 0:
-        loss = loss + spec.contrastive_weight * _logit_contrastive(s2d, t2d, labels, spec, backend)
+        con = _logit_contrastive(s2d, t2d, labels, spec, backend)
+        loss = loss + (spec.contrastive_weight * spec.loss_weight) * con
     return loss
+
+
+def packed(spec: LogitDistill):
+    """``spec.packed()``, computed once per spec object (host cost per call matters at C = 1000)."""
+    if torch.compiler.is_compiling():
+        return spec.packed()
+    cached = spec.__dict__.get("_packed")
+    if cached is None:
+        cached = spec.__dict__["_packed"] = spec.packed()
+    return cached
+
+
+def reference_loss(s2d, t2d, labels, spec: LogitDistill, temperature, *, teacher_grad: bool = False):
+    """The reduced, weighted loss of the plain-autograd reference (the ground truth)."""
+    rows = reference.logit_distill_rows(s2d, t2d, labels, spec, temperature, teacher_grad=teacher_grad)
+    rows = rows * spec.loss_weight
+    if spec.reduction == "none":
+        return rows
+    total = rows.sum()
+    if spec.reduction == "sum":
+        return total
+    count = rows.shape[0] if labels is None else (labels != spec.ignore_index).sum()
+    if isinstance(count, int):
+        return total / max(count, 1)
+    return total / count.clamp(min=1).to(total.dtype)
+
+
+def _teacher_gradient_term(s2d, t2d, labels, spec: LogitDistill, temperature) -> torch.Tensor:
+    """Zero in value; its gradient w.r.t. the teacher logits is the loss's (reference formulas, the student
+    and temperature held constant). Used only when the teacher requires grad (mutual distillation)."""
+    if isinstance(spec.temperature, torch.Tensor):
+        spec = spec.replace(temperature=spec.temperature.detach())
+        temperature = temperature.detach()
+    ref = reference_loss(s2d.detach(), t2d, labels, spec, temperature, teacher_grad=True)
+    return ref - ref.detach()
 
 
 def _logit_contrastive(s2d, t2d, labels, spec: LogitDistill, backend: str) -> torch.Tensor:
@@ -83,72 +128,199 @@ def _logit_contrastive(s2d, t2d, labels, spec: LogitDistill, backend: str) -> to
 
 
 def _spec(temperature, reduction, ignore_index, standardize, ce_weight, teacher_topk_scale, check,
-          inplace, **terms) -> LogitDistill:
-    """The keyword arguments every method shares, folded into a spec with the method's terms."""
+          inplace, loss_weight=1.0, **terms) -> LogitDistill:
+    """The keyword arguments every method shares, folded into a spec with the method's terms (cached
+    for hashable arguments: building and packing a spec is most of the host cost of a call)."""
+    args = (temperature, reduction, ignore_index, standardize, ce_weight, teacher_topk_scale, check, inplace,
+            loss_weight, tuple(terms.items()))
+    if torch.compiler.is_compiling():  # traced once per graph: nothing to save
+        return _build_spec(args)
+    try:  # the key carries the types: -100 and -100.0 hash alike but only one of them is valid
+        return _cached_spec(tuple(type(a) for a in args), args)
+    except TypeError:  # a tensor temperature, a dict TopKScale: build it anew
+        return _build_spec(args)
+
+
+def _build_spec(args) -> LogitDistill:
+    temperature, reduction, ignore_index, standardize, ce_weight, tsm, check, inplace, loss_weight, terms = args
     return LogitDistill(temperature=temperature, reduction=reduction, ignore_index=ignore_index,
-                        standardize=standardize, ce_weight=ce_weight,
-                        teacher_topk_scale=teacher_topk_scale, check=check, inplace=inplace, **terms)
+                        standardize=standardize, ce_weight=ce_weight, teacher_topk_scale=tsm, check=check,
+                        inplace=inplace, loss_weight=loss_weight, **dict(terms))
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_spec(types, args) -> LogitDistill:
+    if any(isinstance(a, torch.Tensor) for a in args):
+        raise TypeError("tensors are not cached")
+    return _build_spec(args)
+
+
+_COMMON_ARGS = """
+    Common keyword arguments (every method):
+        labels: integer tensor shaped like the leading dims, or None. Rows whose label is
+            ``ignore_index`` are ignored (loss 0, gradient 0, not counted by ``batchmean``); label-free
+            losses use it purely as an ignore mask (LLM token rows).
+        ignore_index: label value of ignored rows (default -100).
+        reduction: ``"batchmean"`` (sum of row losses / number of valid rows, 0 when there is none),
+            ``"sum"`` or ``"none"`` (per-row losses shaped like the leading dims).
+        standardize: logit standardisation ``Z(z) = (z − mean)/(std + 1e-7)`` of both logits first.
+        ce_weight: adds ``ce_weight·CE(s, y)`` at temperature 1 on the raw student logits, same pass.
+        teacher_topk_scale: TopKD's TSM on the teacher (``TopKScale`` or a dict), or None.
+        loss_weight: multiplies the loss inside the launch (no extra pass; use it for loss weights,
+            warm-up factors and gradient accumulation).
+        inplace: write the gradient into the student logits' storage (no extra ``[N, C]`` memory; the
+            logits are overwritten). Refused for overlapping/shared storage.
+        backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
+        check: validate label range and non-finite values (a device sync); default from
+            ``KDKERNELS_CHECK``.
+
+    Shapes: logits ``[..., C]`` (same shape, same device, float32/bfloat16/float16/float64); the loss
+    is float32 (float64 for float64 logits). Gradients flow to the student logits and a learnable
+    temperature; see the README for the autograd contract.
+"""
+
+
+def _with_common_args(fn):
+    fn.__doc__ = (fn.__doc__ or "").rstrip() + "\n" + _COMMON_ARGS
+    return fn
 
 
 # ---------------------------------------------------------------------------------------------
 # method presets (losses.md §1–§7)
 # ---------------------------------------------------------------------------------------------
+@_with_common_args
 def kd_loss(logits_student, logits_teacher, temperature=4.0, *, labels=None, ignore_index=-100,
             reduction="batchmean", standardize=False, ce_weight=0.0, teacher_topk_scale=None,
-            backend="auto", check=None, inplace=False):
-    """Hinton KD ``T²·KL(p‖q)`` [code: mdistiller ``kd_loss``], optional fused CE and learnable T."""
+            backend="auto", check=None, inplace=False, loss_weight=1.0):
+    """Hinton KD: ``ℓ_n = T²·KL(softmax(t/T) ‖ softmax(s/T))`` [code: mdistiller ``kd_loss``].
+
+    Equals mdistiller's ``kd_loss(logits_student, logits_teacher, temperature)`` (``batchmean``) and
+    its gradient ``T·(q − p)/N``. ``temperature``: a positive float, a 0-dim tensor or a per-row tensor;
+    a tensor with ``requires_grad=True`` is learnable (CTKD) and receives its exact gradient.
+
+    Example::
+
+        s, t = torch.randn(8, 100, requires_grad=True), torch.randn(8, 100)
+        loss = kdk.kd_loss(s, t, 4.0)
+        loss.backward()
+    """
     spec = _spec(temperature, reduction, ignore_index, standardize, ce_weight, teacher_topk_scale,
-                 check, inplace, kd_weight=1.0)
+                 check, inplace, loss_weight, kd_weight=1.0)
     return logit_distill(logits_student, logits_teacher, labels, spec, backend=backend)
 
 
+@_with_common_args
 def dkd_loss(logits_student, logits_teacher, labels, alpha=1.0, beta=8.0, temperature=4.0, *,
              ignore_index=-100, reduction="batchmean", standardize=False, ce_weight=0.0,
-             teacher_topk_scale=None, backend="auto", check=None, inplace=False):
-    """Decoupled KD ``α·TCKD + β·NCKD`` [code: mdistiller ``dkd_loss``], exact target exclusion."""
+             teacher_topk_scale=None, backend="auto", check=None, inplace=False, loss_weight=1.0):
+    """Decoupled KD: ``ℓ_n = α·TCKD_n + β·NCKD_n`` [code: mdistiller ``dkd_loss``].
+
+    ``TCKD = T²·KL([p_y, 1 − p_y] ‖ [q_y, 1 − q_y])`` (target vs. non-targets), ``NCKD = T²·KL`` of the
+    distributions over the non-target classes; computed in log space (finite where the published
+    code's ``log`` of summed probabilities overflows) with the target excluded exactly (the published
+    code adds −1000). ``labels`` ``[...]`` are required. Equals mdistiller's
+    ``dkd_loss(logits_student, logits_teacher, target, alpha, beta, temperature)``.
+
+    Example::
+
+        s, t = torch.randn(8, 100, requires_grad=True), torch.randn(8, 100)
+        y = torch.randint(0, 100, (8,))
+        kdk.dkd_loss(s, t, y, 1.0, 8.0, 4.0).backward()
+    """
     spec = _spec(temperature, reduction, ignore_index, standardize, ce_weight, teacher_topk_scale,
-                 check, inplace, kd_weight=0.0, decoupled=Decoupled(alpha=alpha, beta=beta))
+                 check, inplace, loss_weight, kd_weight=0.0, decoupled=Decoupled(alpha=alpha, beta=beta))
     return logit_distill(logits_student, logits_teacher, labels, spec, backend=backend)
 
 
+@_with_common_args
 def aekt_loss(logits_student, logits_teacher, labels, alpha=1.0, beta=8.0, temperature=4.0, *,
               max_weight=10.0, ignore_index=-100, reduction="batchmean", standardize=False,
-              ce_weight=0.0, teacher_topk_scale=None, backend="auto", check=None, inplace=False):
-    """AEKT ``α·min(p_y/q_y, w_max)·TCKD + β·NCKD`` [reconstructed]."""
+              ce_weight=0.0, teacher_topk_scale=None, backend="auto", check=None, inplace=False, loss_weight=1.0):
+    """AEKT: ``ℓ_n = α·min(p_y/q_y, max_weight)·TCKD_n + β·NCKD_n`` [reconstructed].
+
+    Only the paper's description is public: the adaptive weight of the explicit (target) knowledge is
+    the teacher/student confidence ratio, clamped at ``max_weight`` and treated as a constant of the
+    gradient; the implicit knowledge is DKD's NCKD. ``labels`` are required.
+
+    Example::
+
+        s, t = torch.randn(8, 100, requires_grad=True), torch.randn(8, 100)
+        y = torch.randint(0, 100, (8,))
+        kdk.aekt_loss(s, t, y, max_weight=10.0).backward()
+    """
     spec = _spec(temperature, reduction, ignore_index, standardize, ce_weight, teacher_topk_scale,
-                 check, inplace, kd_weight=0.0,
+                 check, inplace, loss_weight, kd_weight=0.0,
                  decoupled=Decoupled(alpha=alpha, beta=beta, adaptive=True, max_weight=max_weight))
     return logit_distill(logits_student, logits_teacher, labels, spec, backend=backend)
 
 
+@_with_common_args
 def dtkd_loss(logits_student, logits_teacher, temperature=4.0, alpha=3.0, beta=1.0, *, labels=None,
               ignore_index=-100, reduction="batchmean", standardize=False, ce_weight=0.0,
-              teacher_topk_scale=None, backend="auto", check=None, inplace=False):
-    """Dynamic-temperature KD ``α·T_t·T_s·KL + β·τ²·KL`` [code: JinYu1998/DTKD]."""
+              teacher_topk_scale=None, backend="auto", check=None, inplace=False, loss_weight=1.0):
+    """Dynamic-temperature KD: ``ℓ_n = α·T_t·T_s·KL(softmax(t/T_t) ‖ softmax(s/T_s)) + β·τ²·KL(τ)``
+    [code: JinYu1998/DTKD].
+
+    ``T_s = 2vτ/(x + v)``, ``T_t = 2xτ/(x + v)`` from the row maxima ``x = max t``, ``v = max s`` (the
+    gradient flows through ``v``); rows where ``x + v ≤ 0``, ``x ≤ 0`` or ``v ≤ 0`` use ``T_s = T_t = τ``
+    (the published code covers only ``x + v ≤ 0``; documented deviation). ``temperature`` is ``τ``.
+
+    Example::
+
+        s, t = torch.randn(8, 100, requires_grad=True), torch.randn(8, 100)
+        kdk.dtkd_loss(s, t, 4.0, alpha=3.0, beta=1.0).backward()
+    """
     spec = _spec(temperature, reduction, ignore_index, standardize, ce_weight, teacher_topk_scale,
-                 check, inplace, kd_weight=beta, dtkd_weight=alpha)
+                 check, inplace, loss_weight, kd_weight=beta, dtkd_weight=alpha)
     return logit_distill(logits_student, logits_teacher, labels, spec, backend=backend)
 
 
+@_with_common_args
 def ldrld_loss(logits_student, logits_teacher, k=7, temperature=4.0, alpha=10.5, beta=7.0, *,
                rank_by="student", eps=1.5, delta=2.0, lam=0.05, labels=None, ignore_index=-100,
                reduction="batchmean", standardize=False, ce_weight=0.0, teacher_topk_scale=None,
-               backend="auto", check=None, inplace=False):
-    """LDRLD: rank-weighted top-k pair terms + set term + rest term [code: yema-web/LDRLD]."""
+               backend="auto", check=None, inplace=False, loss_weight=1.0):
+    """LDRLD: ``ℓ_n = α·L_local + β·L_rest`` [code: yema-web/LDRLD].
+
+    ``L_local``: over the ``k`` classes ranked by the student (``rank_by="teacher"`` optional),
+    rank-weighted Bernoulli KLs of every pair ``w(r, r') = δ·exp(−λ(r + r'))/(|r − r'| + ε)`` plus the
+    KL of the softmax restricted to the set, divided by ``k(k−1)/2 + 1``; ``L_rest``: KL of the softmax
+    over the other classes; every KL at temperature ``T`` with ``T²``. Needs ``2 ≤ k ≤ C − 1``.
+
+    Example::
+
+        s, t = torch.randn(8, 100, requires_grad=True), torch.randn(8, 100)
+        kdk.ldrld_loss(s, t, k=7).backward()
+    """
     relation = RankRelation(k=k, alpha=alpha, beta=beta, rank_by=rank_by, eps=eps, delta=delta, lam=lam)
     spec = _spec(temperature, reduction, ignore_index, standardize, ce_weight, teacher_topk_scale,
-                 check, inplace, kd_weight=0.0, relation=relation)
+                 check, inplace, loss_weight, kd_weight=0.0, relation=relation)
     return logit_distill(logits_student, logits_teacher, labels, spec, backend=backend)
 
 
+@_with_common_args
 def topkd_loss(logits_student, logits_teacher, labels=None, k=5, temperature=4.0, *, scale=0.5,
                shift=0.5, gt_scale=0.5, kd_weight=1.0, tdl_weight=1.0, tdl_weights=(1.0, 1.0, 1.0),
                contrastive_weight=0.0, contrastive_tau=0.1, ignore_index=-100, reduction="batchmean",
-               standardize=False, ce_weight=0.0, backend="auto", check=None, inplace=False):
-    """TopKD: KD on the TSM-scaled teacher + TDL cosine groups (+ logit InfoNCE) [reconstructed]."""
+               standardize=False, ce_weight=0.0, backend="auto", check=None, inplace=False, loss_weight=1.0):
+    """TopKD: ``ℓ_n = kd_weight·T²·KL(softmax(t'/T) ‖ softmax(s/T)) + tdl_weight·TDL_n
+    (+ contrastive_weight·InfoNCE)`` [reconstructed].
+
+    ``t'``: the teacher after the Top-K Scaling Module (its top-``k`` logits scaled by
+    ``1 + scale·(k − r + 1)/k`` and shifted by ``shift·gap``; the label's logit by ``1 + gt_scale``
+    when labels are given and it is not in the top-k). TDL: ``Σ_g w_g·(1 − cos(s_g, t'_g))`` over the
+    groups Pos (top-k of ``t'``), Neg (bottom-k) and Non (the rest), weights ``tdl_weights``; needs
+    ``2k < C`` (for CIFAR-10, C = 10, use ``k ≤ 4``). ``contrastive_weight``: InfoNCE over the batch's
+    logit rows (``reduction`` must then be ``batchmean``/``sum``; not with ``inplace=True``).
+
+    Example::
+
+        s, t = torch.randn(8, 100, requires_grad=True), torch.randn(8, 100)
+        kdk.topkd_loss(s, t, k=5).backward()
+    """
     a, b, c = tdl_weights
     spec = _spec(temperature, reduction, ignore_index, standardize, ce_weight,
-                 TopKScale(k=k, scale=scale, shift=shift, gt_scale=gt_scale), check, inplace,
+                 TopKScale(k=k, scale=scale, shift=shift, gt_scale=gt_scale), check, inplace, loss_weight,
                  kd_weight=kd_weight,
                  tdl=TopKDecoupled(k=k, weight=tdl_weight, pos=a, neg=b, non=c) if tdl_weight != 0 else None,
                  contrastive_weight=contrastive_weight, contrastive_tau=contrastive_tau)

@@ -193,16 +193,18 @@ def label_masks(labels: Optional[torch.Tensor], N: int, C: int, ignore_index: in
 
 
 def logit_distill_rows(s: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor],
-                       spec: LogitDistill, temperature: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       spec: LogitDistill, temperature: Optional[torch.Tensor] = None, *,
+                       teacher_grad: bool = False) -> torch.Tensor:
     """Per-row losses ``[N]`` of ``spec`` on logits ``[N, C]`` (ignored rows 0, bad-label rows NaN).
 
     ``temperature``: optional per-row tensor ``[N]`` that overrides ``spec.temperature`` (it keeps its
-    autograd history, so a learnable temperature gets its gradient from autograd).
+    autograd history, so a learnable temperature gets its gradient from autograd). ``teacher_grad``: keep
+    the teacher in the graph (online/mutual distillation); by default it is a constant (§0).
     """
     N, C = s.shape
     acc = acc_dtype(s.dtype)
     s_raw = s.to(acc)
-    s, t = s_raw, t.detach().to(acc)
+    s, t = s_raw, (t if teacher_grad else t.detach()).to(acc)
     valid, bad, y = label_masks(labels, N, C, spec.ignore_index, s.device)
     if temperature is None:
         temperature = torch.full((N,), float(spec.temperature), dtype=acc, device=s.device)

@@ -27,7 +27,7 @@ import torch
 import kdkernels as kdk
 from kdkernels import spec as spec_mod
 from kdkernels.dispatch import unavailable_reason
-from kdkernels.engine import LogitDistillFunction
+from kdkernels.engine import as_contract2, fused_logit_distill
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_REASON = unavailable_reason("cpu", torch.device("cpu"))
@@ -38,6 +38,13 @@ DT_ID = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16"}
 #: max|Δgrad| ≤ tol·max|grad_ref|. The floor covers rows whose KL is a small difference of O(1) terms
 #: (ill-conditioned in float32 for any implementation, the float32 reference included).
 TOL = {torch.float64: (1e-10, 1e-10, 1e-3), torch.float32: (1e-5, 1e-5, 1e-2), torch.bfloat16: (2e-2, 2e-2, 1e-2)}
+
+
+@pytest.fixture(autouse=True)
+def _repeatable_backward():
+    """gradcheck differentiates each graph many times: keep the logits (an opt-in of the Function)."""
+    with kdk.repeatable_backward():
+        yield
 
 
 def presets(C: int) -> dict:
@@ -109,7 +116,7 @@ def run(s, t, y, spec, backend=None, launcher=None):
         loss = kdk.logit_distill(x, t, y, spec, backend=backend)
     else:
         T = spec.temperature.to(s.device) if isinstance(spec.temperature, torch.Tensor) else None
-        loss = LogitDistillFunction.apply(x, t, y, T, spec.packed(), launcher)
+        loss = fused_logit_distill(x, t, y, T, spec.packed(), as_contract2(launcher))
     grad, = torch.autograd.grad(loss.sum(), x)
     return loss.detach(), grad
 
@@ -313,7 +320,7 @@ def test_cuda_path_simulated_gradcheck(name, gen):
     spec = gradcheck_spec(presets(7)[name]).packed()
     s, t, y = make_inputs(gen, 3, 7, torch.float64, bad=False, masked=False)
     x = s.clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda z: LogitDistillFunction.apply(z, t, y, None, spec, _sim(3)), (x,),
+    assert torch.autograd.gradcheck(lambda z: fused_logit_distill(z, t, y, None, spec, as_contract2(_sim(3))), (x,),
                                     eps=1e-6, atol=1e-7, rtol=1e-5)
 
 

@@ -1,0 +1,195 @@
+"""The autograd contract of the fused Function (architecture §7), on every fused backend available:
+
+* at most one ``[N, C]`` buffer between forward and backward (measured), saved through
+  ``save_for_backward``; no gradient work without grad mode / a student that requires grad;
+* a second backward is opt-in (``kdkernels.repeatable_backward``), double backward raises;
+* ``inplace=True`` is refused where unsafe and visible to autograd where it is allowed;
+* ``loss_weight`` is folded into the launch; a teacher that requires grad gets its gradient.
+"""
+import gc
+
+import pytest
+import torch
+
+import kdkernels as kdk
+from parity import DEVICE, FUSED, TOL, make_inputs, presets, reference64
+
+pytestmark = pytest.mark.skipif(not FUSED, reason="no fused backend can run here")
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_double_backward_raises(backend, gen):
+    s, t, y = make_inputs(gen, 3, 10, torch.float64)
+    x = s.clone().requires_grad_(True)
+    g, = torch.autograd.grad(kdk.dkd_loss(x, t, y, backend=backend), x, create_graph=True)
+    penalty = (g * g).sum()
+    assert penalty.requires_grad  # a gradient penalty must not silently contribute nothing
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        penalty.backward()
+    # the reference backend is the documented way to get higher derivatives
+    xr = s.clone().requires_grad_(True)
+    gr, = torch.autograd.grad(kdk.dkd_loss(xr, t, y, backend="reference"), xr, create_graph=True)
+    hvp, = torch.autograd.grad((gr * gr).sum(), xr)
+    assert torch.isfinite(hvp).all() and hvp.abs().max() > 0
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_second_backward_needs_opt_in(backend, gen):
+    s, t, y = make_inputs(gen, 3, 10, torch.float32)
+    x = s.clone().requires_grad_(True)
+    loss = kdk.kd_loss(x, t, 2.0, labels=y, backend=backend)
+    g1, = torch.autograd.grad(loss, x, retain_graph=True)
+    with pytest.raises(RuntimeError, match="repeatable_backward"):
+        torch.autograd.grad(loss, x)
+    with kdk.repeatable_backward():
+        loss = kdk.kd_loss(x, t, 2.0, labels=y, backend=backend)
+    g2, = torch.autograd.grad(loss * 3.0, x, retain_graph=True)
+    g3, = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(g2, 3.0 * g1, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g3, g1, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_inplace_is_visible_to_autograd(backend, gen):
+    """Another op saved the logits; the fused loss overwrites them: backward must raise, not read a
+    gradient as logits."""
+    s, t, y = make_inputs(gen, 4, 10, torch.float32)
+    h = s.clone().requires_grad_(True)
+    x = h * 1.0                                  # non-leaf logits
+    other = (x * x).sum()                        # saves x
+    loss = kdk.kd_loss(x, t, 2.0, labels=y, inplace=True, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + other).backward()
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_inplace_refuses_overlapping_or_shared_student(backend, gen):
+    s, t, y = make_inputs(gen, 4, 10, torch.float32)
+    row = s[:1].clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="overlap"):
+        kdk.kd_loss(row.expand(4, 10), t, inplace=True, backend=backend)
+    both = torch.stack([s, t]).requires_grad_(True) * 1.0
+    with pytest.raises(ValueError, match="share memory with the teacher"):
+        kdk.kd_loss(both[0], both[0].detach(), inplace=True, backend=backend)
+    # disjoint halves of one buffer are fine (e.g. student and teacher outputs of one batched model)
+    loss = kdk.kd_loss(both[0], both[1].detach(), 2.0, inplace=True, backend=backend)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_inplace_refuses_the_contrastive_term(backend, gen):
+    s, t, y = make_inputs(gen, 6, 12, torch.float32)
+    x = s.clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="contrastive"):
+        kdk.topkd_loss(x, t, y, k=2, contrastive_weight=0.5, inplace=True, backend=backend)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "no_requires_grad"])
+def test_no_gradient_work_without_grad(backend, mode, gen):
+    s, t, y = make_inputs(gen, 4, 10, torch.float32)
+    x = s.clone().requires_grad_(mode != "no_requires_grad")
+    before = x.detach().clone()
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(mode, torch.enable_grad)
+    with ctx():
+        loss = kdk.dkd_loss(x, t, y, inplace=True, backend=backend)
+    assert loss.grad_fn is None
+    assert torch.equal(x.detach(), before), "inplace=True must not touch the logits when no gradient is wanted"
+    want, _ = reference64(s, t, y, presets(10)["dkd"])
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_one_buffer_saved_for_backward(backend, gen):
+    """Saved-tensor hooks see exactly one [N, C] tensor: a new gradient buffer, or with inplace=True the
+    student's own storage (no new memory)."""
+    s, t, y = make_inputs(gen, 4, 10, torch.float32)
+    for inplace in (False, True):
+        saved = []
+
+        def pack(x):
+            saved.append(x)
+            return x
+
+        x = s.clone().requires_grad_(True) * 1.0
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            loss = kdk.kd_loss(x, t, 2.0, labels=y, inplace=inplace, backend=backend)
+        big = [z for z in saved if z.dim() == 2]
+        assert len(big) == 1 and big[0].shape == s.shape, [tuple(z.shape) for z in saved]
+        assert (big[0].data_ptr() == x.data_ptr()) == inplace
+        assert big[0].data_ptr() != t.data_ptr()
+        loss.backward()
+
+
+def _rss() -> int:
+    gc.collect()
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif("cpu" not in FUSED or DEVICE.type != "cpu", reason="measured with the CPU allocator")
+def test_memory_between_forward_and_backward():
+    """At N·C = 32M floats (128 MiB per buffer), forward keeps one buffer alive — not s, t and the grad."""
+    N, C, H = 1024, 32768, 16
+    buffer = N * C * 4
+    h = torch.randn(N, H, requires_grad=True)
+    w = torch.randn(H, C)
+    ids = torch.randint(0, C, (N,))
+
+    def forward():
+        s = h @ w                                    # the matmul saves h and w, not its output
+        t = torch.randn(N, C)
+        return kdk.kd_loss(s, t, 2.0, labels=ids, backend="cpu")
+
+    base = _rss()
+    loss = forward()
+    held = _rss() - base
+    assert held < 1.5 * buffer, f"{held / buffer:.2f} [N, C] buffers held between forward and backward"
+    loss.backward()
+    assert h.grad is not None and torch.isfinite(h.grad).all()
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_loss_weight_is_folded_in(backend, gen):
+    s, t, y = make_inputs(gen, 5, 12, torch.float64)
+    for name in ("kd", "dkd", "ldrld"):
+        spec = presets(12)[name]
+        loss_ref, grad_ref = reference64(s, t, y, spec)
+        x = s.clone().requires_grad_(True)
+        loss = kdk.logit_distill(x, t, y, spec.replace(loss_weight=0.375), backend=backend)
+        g, = torch.autograd.grad(loss, x)
+        tol = TOL[torch.float64][0]
+        torch.testing.assert_close(loss, 0.375 * loss_ref, rtol=tol, atol=0)
+        torch.testing.assert_close(g, 0.375 * grad_ref, rtol=tol, atol=tol * grad_ref.abs().max())
+    x = s.clone().requires_grad_(True)
+    kw = kdk.dkd_loss(x, t, y, loss_weight=0.25, reduction="none", backend=backend)
+    torch.testing.assert_close(kw, 0.25 * kdk.dkd_loss(s, t, y, reduction="none", backend="reference"))
+
+
+@pytest.mark.parametrize("backend", FUSED + ["reference"])
+def test_teacher_gradient(backend, gen):
+    """A teacher that requires grad (mutual distillation) gets the published kd_loss's gradient."""
+    s, t, y = make_inputs(gen, 4, 10, torch.float64, masked=False)
+    x, z = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    kdk.kd_loss(x, z, 3.0, backend=backend).backward()
+    xr, zr = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    log_q = torch.log_softmax(xr / 3.0, 1)
+    ref = torch.nn.functional.kl_div(log_q, torch.log_softmax(zr / 3.0, 1), reduction="none",
+                                     log_target=True).sum(1).mean() * 9.0
+    ref.backward()
+    torch.testing.assert_close(z.grad, zr.grad, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_torch_func_grad(backend, gen):
+    s, t, y = make_inputs(gen, 3, 10, torch.float64)
+    g_func = torch.func.grad(lambda x: kdk.dkd_loss(x, t, y, backend=backend))(s)
+    x = s.clone().requires_grad_(True)
+    g, = torch.autograd.grad(kdk.dkd_loss(x, t, y, backend=backend), x)
+    torch.testing.assert_close(g_func, g, rtol=1e-12, atol=0)
