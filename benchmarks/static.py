@@ -11,9 +11,10 @@ on a tiny input as a ratio to an eager mdistiller-style KD; every shipped Triton
 facts; the CUDA fallback's ``nvcc -Xptxas -v`` registers and spills. Writes ``static.json`` and
 ``static.md``. These are static estimates, not GPU measurements (``benchmarks/gpu_check.sh`` measures).
 
-Runtime on two shared cores: the full run about 6–8 minutes (the streamed top-k stand-ins under the
-interpreter and ~90 AOT compiles dominate); ``--quick`` (C = 1000 fp32 and V = 32k bf16 only, shipped
-configurations, no nvcc) about 2–3 minutes.
+Runtime measured on two cores shared with four other jobs: the full run 8 minutes with a warm Triton
+compile cache, 15 with a cold one under load ~8 (the streamed top-k stand-ins under the interpreter,
+~90 AOT compiles and nvcc dominate; the compiles run beside the interpreter work); ``--quick`` (C = 1000 fp32 and V = 32k bf16 only,
+the shipped configurations, no nvcc) 4 minutes.
 """
 from __future__ import annotations
 
