@@ -11,7 +11,7 @@ import torch
 
 from .progress import Progress
 from .shapes import make_inputs, min_bytes, min_flops
-from .timing import is_oom, measure, peak_extra_mib, sync
+from .timing import is_oom, measure, measure_interleaved, peak_extra_mib, sync
 from .verify import Reference, VerificationError, verify
 
 MODES = ("fwd", "fwd+bwd")
@@ -44,7 +44,7 @@ class Runner:
 
     def __init__(self, providers, device, modes=MODES, warmup_ms=25.0, rep_ms=100.0, copy_GBps=None,
                  matmul_TFLOPs=None, deadline=None, budget_note="", progress=True, stream=None, min_reps=5,
-                 max_elements=None):
+                 max_elements=None, verify_only=False):
         self.providers, self.device, self.modes = providers, torch.device(device), tuple(modes)
         self.warmup_ms, self.rep_ms, self.min_reps = warmup_ms, rep_ms, min_reps
         self.copy_GBps, self.matmul_TFLOPs = copy_GBps, matmul_TFLOPs or {}
@@ -53,6 +53,7 @@ class Runner:
         #: cases with more elements per input are skipped (default: 2**26 on CPU, no limit on CUDA)
         self.max_elements = max_elements if max_elements is not None else (
             1 << 26 if self.device.type == "cpu" else 0)
+        self.verify_only = verify_only  # spot checks: verify every row, time none
         self.rows = []
 
     # ------------------------------------------------------------------------------------------
@@ -112,10 +113,14 @@ class Runner:
             s = t = y = ref = None
             self._free()
             return self._skip_all(case, providers, bar, *failure)
+        pending = []  # verified (row, fn) pairs, timed together below
         for p in providers:
-            self._run_provider(case, p, s, t, y, ref, bar)
+            pending += self._run_provider(case, p, s, t, y, ref, bar)
+        self._time(case, pending, bar)
 
     def _run_provider(self, case, p, s, t, y, ref, bar):
+        """Verify every mode of one provider: a row for each failure, a (row, fn) pair to time for each
+        success."""
         try:
             reason = p.unavailable_reason(case, self.device)
         except Exception as exc:  # noqa: BLE001
@@ -130,40 +135,73 @@ class Runner:
                 f = p.build(case, self.device)
             except Exception as exc:  # noqa: BLE001
                 reason, status = "build: " + _short(exc), "failed"
+        pending = []
         for mode in self.modes:
-            label = f"{case.label} {mode} {p.name}"
             if f is None:
                 self._emit(case, p, mode, status, reason)
+                bar.step(f"{case.label} {mode} {p.name}: {status}")
+                continue
+            verified = self._verify_mode(case, p, f, mode, s, t, y, ref)
+            if isinstance(verified, dict):  # a failed row, already emitted
+                bar.step(f"{case.label} {mode} {p.name}: {verified['status']}")
             else:
-                self._run_mode(case, p, f, mode, s, t, y, ref)
-            bar.step(f"{label}: {self.rows[-1]['status']}")
+                pending.append(verified)
+        return pending
 
-    def _run_mode(self, case, p, f, mode, s, t, y, ref):
+    def _verify_mode(self, case, p, f, mode, s, t, y, ref):
         fields, failure = {}, None
         try:
             checked = verify(case, f, s, t, y, mode, ref)
             fields.update(first_call_ms=checked.pop("call_ms", None), loss_err=checked["loss_err"],
                           grad_err=checked["grad_err"], verified=checked["checked"])
-            fn = _closure(f, s, t, y, mode)
-            tm = measure(fn, self.device, self.warmup_ms, self.rep_ms, min_reps=self.min_reps)
-            peak = peak_extra_mib(fn, self.device)
-            del fn
+            return (case, p, mode, fields, _closure(f, s, t, y, mode))
         except VerificationError as exc:
             fields.update(getattr(exc, "errors", {}))
             failure = ("failed", str(exc))
         except Exception as exc:  # noqa: BLE001 - a failing provider is a row, not a crash
-            if is_oom(exc):
-                failure = ("skipped", "out of memory: " + _short(exc, 120))
-            else:
-                where = traceback.extract_tb(exc.__traceback__)[-1]
-                failure = ("failed", f"{_short(exc)} [{where.filename.split('/')[-1]}:{where.lineno}]")
-        if failure is not None:  # outside the except block: the traceback (and its tensors) is gone
-            self._free()
-            return self._emit(case, p, mode, *failure, **fields)
-        sync(self.device)
+            failure = self._failure(exc)
+        self._free()  # outside the except block: the traceback (and its tensors) is gone
+        return self._emit(case, p, mode, *failure, **fields)
+
+    @staticmethod
+    def _failure(exc):
+        if is_oom(exc):
+            return ("skipped", "out of memory: " + _short(exc, 120))
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        return ("failed", f"{_short(exc)} [{where.filename.split('/')[-1]}:{where.lineno}]")
+
+    def _time(self, case, pending, bar):
+        """Time the verified closures: on CPU all together, interleaved call by call (a busy machine slows
+        every provider alike); on CUDA one after the other with do_bench."""
+        if self.verify_only:
+            for case_, p, mode, fields, fn in pending:
+                self._emit(case_, p, mode, "ok", reason="verified only (--verify-only)", **fields)
+                bar.step(f"{case_.label} {mode} {p.name}: verified")
+            return
+        times = {}
+        if self.device.type == "cpu" and len(pending) > 1:
+            try:
+                got = measure_interleaved([fn for *_, fn in pending], self.warmup_ms, self.rep_ms, self.min_reps)
+                times = dict(enumerate(got))
+            except Exception as exc:  # noqa: BLE001 - fall back to one at a time, which reports per row
+                times = {}
+        for i, (case_, p, mode, fields, fn) in enumerate(pending):
+            try:
+                tm = times.get(i) or measure(fn, self.device, self.warmup_ms, self.rep_ms, min_reps=self.min_reps)
+                peak = peak_extra_mib(fn, self.device)
+            except Exception as exc:  # noqa: BLE001
+                self._free()
+                self._emit(case_, p, mode, *self._failure(exc), **fields)
+                bar.step(f"{case_.label} {mode} {p.name}: {self.rows[-1]['status']}")
+                continue
+            sync(self.device)
+            self._emit_timed(case_, p, mode, fields, tm, peak)
+            bar.step(f"{case_.label} {mode} {p.name}: ok")
+
+    def _emit_timed(self, case, p, mode, fields, tm, peak):
         nbytes, flops = min_bytes(case, mode), min_flops(case, mode)
         gbps = nbytes / (tm["ms"] * 1e6)
-        fields.update(time_ms=tm["ms"], p20_ms=tm["p20"], p80_ms=tm["p80"], GBps=gbps, peak_extra_MiB=peak,
+        fields = dict(fields, time_ms=tm["ms"], p20_ms=tm["p20"], p80_ms=tm["p80"], GBps=gbps, peak_extra_MiB=peak,
                       pct_copy=100 * gbps / self.copy_GBps if self.copy_GBps else None)
         if flops:
             tflops = flops / (tm["ms"] * 1e9)

@@ -13,6 +13,7 @@ import torch
 
 from kdkernels import dispatch
 
+from . import baselines
 from .methods import TEMPERATURE, loss_fn
 
 INTERPRET_REASON = "TRITON_INTERPRET=1: interpreter timings mean nothing (unset it to time Triton on a GPU)"
@@ -49,22 +50,51 @@ class Kdkernels(Provider):
         return loss_fn(case.method, self.backend)
 
 
+def published_fn(method: str):
+    """``f(s, t, y)``: the method's published arithmetic in eager PyTorch (:mod:`benchmarks.baselines`).
+
+    float16/bfloat16 inputs are computed in float32, as under autocast (softmax and log_softmax are
+    autocast-to-float32 ops): that is how the published codes run in mixed precision."""
+    fn = baselines.BASELINES[method][0]
+
+    def f(s, t, y):
+        if s.dtype in (torch.float16, torch.bfloat16):
+            s, t = s.float(), t.float()
+        return fn(s, t, y)
+    return f
+
+
 class Eager(Provider):
+    """The code users replace: the published arithmetic (mdistiller ``kd_loss``/``dkd_loss``, official
+    DTKD, LDRLD, TopKD as described), written plainly in :mod:`benchmarks.baselines`."""
     name = "eager"
-    description = "the eager PyTorch reference (kdkernels backend='reference')"
+    description = "the published arithmetic in eager PyTorch (benchmarks/baselines.py; fp32 math for 16-bit inputs)"
+
+    def applies(self, case):
+        return case.method in baselines.BASELINES
+
+    def build(self, case, device):
+        return published_fn(case.method)
+
+
+class Reference(Provider):
+    """kdkernels' own reference backend (exact, float64-capable; slower than the published codes)."""
+    name = "reference"
+    description = "kdkernels backend='reference' (the exact PyTorch reference, not a published code)"
 
     def build(self, case, device):
         return loss_fn(case.method, "reference")
 
 
 class Compiled(Provider):
-    """``torch.compile`` of the reference; the first call (compilation) is excluded from the time.
+    """``torch.compile`` of the eager published arithmetic (of the reference where a method has none);
+    the first call (compilation) is excluded from the time.
 
     The row dimension is marked dynamic (``maybe_mark_dynamic``), so the cases of a sweep over N at one
     C reuse one compilation per mode; the column dimension stays static.
     """
     name = "compile"
-    description = "torch.compile of the reference (compile time excluded; dynamic rows, static columns)"
+    description = "torch.compile of the eager published arithmetic (compile time excluded; dynamic rows, static columns)"
 
     def __init__(self, only_methods=None, only_reason: str = ""):
         self.only_methods, self.only_reason = only_methods, only_reason
@@ -85,7 +115,8 @@ class Compiled(Provider):
             for name in ("recompile_limit", "cache_size_limit"):
                 if hasattr(dynamo.config, name):
                     setattr(dynamo.config, name, max(64, getattr(dynamo.config, name)))
-            self._fn, self._key = torch.compile(loss_fn(case.method, "reference")), key
+            eager = published_fn(case.method) if case.method in baselines.BASELINES else loss_fn(case.method, "reference")
+            self._fn, self._key = torch.compile(eager), key
         fn = self._fn
 
         def call(s, t, y):
@@ -132,13 +163,13 @@ class Liger(Provider):
         return f
 
 
-ALIASES = {"triton": "kdk-triton", "cuda": "kdk-cuda", "cpu": "kdk-cpu", "reference": "eager",
+ALIASES = {"triton": "kdk-triton", "cuda": "kdk-cuda", "cpu": "kdk-cpu", "published": "eager",
            "torch.compile": "compile", "kdkernels": "kdk-*"}
 
 
 def all_providers(compile_only=None, compile_reason: str = "") -> list:
     return [Kdkernels(b) for b in dispatch.BACKENDS if b not in ("auto", "reference")] + \
-        [Eager(), Compiled(compile_only, compile_reason), Liger()]
+        [Eager(), Reference(), Compiled(compile_only, compile_reason), Liger()]
 
 
 def select(names, providers) -> list:

@@ -126,6 +126,21 @@ def skipped_summary(rows) -> str:
     return "\n".join(f"  {p} ({n} rows): {reason}" for (p, reason), n in groups.items())
 
 
+#: a row whose (p80 − p20) / median exceeds this gets a warning: its differences are mostly noise
+SPREAD_WARNING = 0.25
+
+
+def spread_warnings(rows) -> list:
+    out = []
+    for r in rows:
+        if r["status"] == "ok" and r.get("p80_ms") is not None and r["time_ms"]:
+            spread = (r["p80_ms"] - r["p20_ms"]) / r["time_ms"]
+            if spread > SPREAD_WARNING:
+                out.append(f"{r['method']} N={r['N']} C={r['C']} {r['dtype']} {r['mode']} {r['provider']}: spread "
+                           f"{100 * spread:.0f}% > {100 * SPREAD_WARNING:.0f}% — a busy machine; compare with care")
+    return out
+
+
 def counts(rows) -> str:
     c = {}
     for r in rows:
@@ -136,6 +151,9 @@ def counts(rows) -> str:
 def write_markdown(path, rows, prov, extra, title) -> None:
     lines = [f"# {title}", ""] + [f"- {k}: {v}" for k, v in list(prov.items()) + list(extra.items())]
     lines += ["", f"Rows: {counts(rows)}.", "", f"- {FORMULA}"] + [f"- **{k}**: {v}" for k, v in COLUMN_NOTES]
+    warn = spread_warnings(rows)
+    if warn:
+        lines += ["", "**Warnings** (large spread):"] + [f"- {w}" for w in warn]
     lines += ["", table(rows, markdown=True), ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))

@@ -23,7 +23,7 @@ from .providers import all_providers, select
 from .shapes import DTYPES, METHODS, suite_cases
 from .timing import copy_bandwidth, matmul_tflops
 
-SUITES = ("quick", "imagenet", "llm", "contrastive", "all", "tiny")
+SUITES = ("quick", "imagenet", "llm", "contrastive", "headline", "all", "tiny")
 QUICK_COMPILE_REASON = ("quick suite on CPU: torch.compile timed for kd only (inductor needs ~10 s per method "
                         "and mode on 2 cores); pass --compile-all")
 
@@ -61,9 +61,13 @@ def parse(argv=None):
                     help="skip cases whose largest tensor ([N, C], or [M, M] for contrastive) has more elements "
                          "(default 2**26 on CPU, no limit on CUDA)")
     ap.add_argument("--threads", type=int, default=0,
-                    help="CPU intra-op threads (torch.set_num_threads); default: 1 for the quick suite on CPU "
-                         "(steady on a shared machine), else torch's default")
+                    help="CPU intra-op threads (torch.set_num_threads); default 1 on CPU (steady on a shared "
+                         "machine; always reported)")
     ap.add_argument("--compile-all", action="store_true", help="quick suite on CPU: compile every method")
+    ap.add_argument("--compile-methods", help="comma list: time torch.compile for these methods only "
+                                              "(inductor compiles take tens of seconds each)")
+    ap.add_argument("--verify-only", action="store_true",
+                    help="check every provider against the float64 reference, time nothing (spot checks)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a row failed")
@@ -77,7 +81,7 @@ def main(argv=None) -> int:
                           ("cpu" if args.device == "auto" else args.device))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
-    threads = args.threads or (1 if args.suite == "quick" and device.type != "cuda" else 0)
+    threads = args.threads or (1 if device.type != "cuda" else 0)  # CPU: a fixed, reported thread count
     if threads:
         torch.set_num_threads(threads)
     methods = _list(args.methods, METHODS, "methods")
@@ -88,7 +92,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"suite {args.suite} has no case for methods={methods} dtypes={dtypes}")
 
     quick_cpu = args.suite == "quick" and device.type != "cuda" and not args.compile_all
-    providers = all_providers(("kd",) if quick_cpu else None, QUICK_COMPILE_REASON if quick_cpu else "")
+    compile_only, compile_reason = (("kd",), QUICK_COMPILE_REASON) if quick_cpu else (None, "")
+    if args.compile_methods:
+        compile_only = tuple(_list(args.compile_methods, METHODS, "methods"))
+        compile_reason = f"torch.compile timed for {args.compile_methods} only in this run (--compile-methods)"
+    providers = all_providers(compile_only, compile_reason)
     try:
         providers = select(args.providers.split(",") if args.providers else None, providers)
     except ValueError as exc:
@@ -105,7 +113,8 @@ def main(argv=None) -> int:
     prov = env.provenance(device)
     prov["command"] = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
     extra = {"suite": args.suite, "modes": ", ".join(modes),
-             **({"threads": f"{threads} (set by --threads or the quick-suite default on CPU)"} if threads else {}),
+             **({"threads": f"{threads} (--threads; CPU providers are timed interleaved, call by call)"}
+                if threads else {}),
              "copy bandwidth": f"{bw['copy_GBps']:.1f} GB/s (copy_ of {bw['copy_MiB']:.0f} MiB, bytes = 2 x size)"}
     extra.update({f"matmul {dt}": f"{v:.2f} TFLOP/s" for dt, v in mm.items()})
     extra.update({f"provider {p.name}": p.description for p in providers})
@@ -116,12 +125,13 @@ def main(argv=None) -> int:
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None
     runner = Runner(providers, device, modes, warmup, rep, bw["copy_GBps"], mm, deadline,
                     f" (--max-minutes {args.max_minutes})", progress=not args.quiet,
-                    min_reps=3 if cpu and args.suite == "quick" else 5, max_elements=args.max_elements)
+                    min_reps=3 if cpu and args.suite == "quick" else 5, max_elements=args.max_elements,
+                    verify_only=args.verify_only)
     print(f"{title}\n  {len(cases)} cases x {len(providers)} providers x {len(modes)} modes; "
           f"copy bandwidth {bw['copy_GBps']:.1f} GB/s; writing to {out_dir}", file=sys.stderr)
     rows = runner.run(cases, on_case_done=lambda rows: report.write_all(out_dir, stem, rows, prov, extra, title))
     paths = report.write_all(out_dir, stem, rows, prov, extra, title)
-    pngs, note = ([], "plots skipped (--no-plots)") if args.no_plots else plots.write_plots(out_dir, stem, rows)
+    pngs, note = ([], "plots skipped (--no-plots)") if args.no_plots else plots.write_plots(out_dir, stem, rows, prov["device"])
 
     print(f"\n{title}")
     print(f"{prov['date']} · torch {prov['torch']} · triton {prov['triton']} · commit {prov['git_commit']} · "
@@ -131,6 +141,8 @@ def main(argv=None) -> int:
     skipped = report.skipped_summary(rows)
     if skipped:
         print("\nskipped:\n" + skipped)
+    for warning in report.spread_warnings(rows):
+        print("WARNING: " + warning, file=sys.stderr)
     print(f"\nrows: {report.counts(rows)}")
     print("files: " + ", ".join(os.path.relpath(p) for p in list(paths.values()) + pngs) + (f"\n{note}" if note else ""))
     print(f"wall time {time.monotonic() - wall0:.1f} s")

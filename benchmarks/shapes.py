@@ -75,6 +75,10 @@ LLM = [(4 * K, 32 * K), (16 * K, 32 * K),
        (4 * K, 128 * K), (8 * K, 128 * K), (16 * K, 128 * K), (32 * K, 128 * K),
        (16 * K, 256 * K)]
 CONTRASTIVE = [(m, 256) for m in (256, 1 * K, 4 * K, 16 * K)]
+#: the headline shapes of one GPU call (benchmarks/gpu_check.sh), in priority order
+HEADLINE_IMAGENET = [(1024, 1000), (8192, 1000)]
+HEADLINE_LLM = [(16 * K, 128 * K)]
+HEADLINE_METHODS = ("kd", "dkd", "ldrld", "topkd", "dtkd")
 
 
 def suite_cases(suite: str, device_type: str, methods=None, dtypes=None) -> list:
@@ -87,6 +91,8 @@ def suite_cases(suite: str, device_type: str, methods=None, dtypes=None) -> list
         "contrastive": [(CONTRASTIVE_METHODS, CONTRASTIVE, ("fp32", "bf16"))],
         "quick": ([(LOGIT_METHODS, [(256, 1000)], ("fp32",))] if device_type != "cuda" else
                   [(LOGIT_METHODS, [(1024, 1000)], ("fp32",)), (LOGIT_METHODS, [(4 * K, 32 * K)], ("bf16",))]),
+        # one GPU call: ImageNet N = 1024/8192 C = 1000 fp32, LLM N = 16k V = 128k bf16
+        "headline": [(HEADLINE_METHODS, HEADLINE_IMAGENET, ("fp32",)), (HEADLINE_METHODS, HEADLINE_LLM, ("bf16",))],
         # a few-second suite for the tests and for trying the harness
         "tiny": [(LOGIT_METHODS, [(8, 40)], ("fp32",)), (CONTRASTIVE_METHODS, [(16, 8)], ("fp32",))],
     }

@@ -55,6 +55,28 @@ def measure(fn, device: torch.device, warmup_ms: float = 25, rep_ms: float = 100
     return {"ms": statistics.median(times), "p20": _quantile(times, 0.2), "p80": _quantile(times, 0.8)}
 
 
+def measure_interleaved(fns, warmup_ms: float = 10, rep_ms: float = 100, min_reps: int = 5,
+                        max_reps: int = 10000) -> list:
+    """CPU: like :func:`measure` for several callables at once, timed call by call in turn (round robin),
+    so a machine that gets busier or quieter during the run affects every one alike. ``rep_ms`` is the
+    budget per callable."""
+    for fn in fns:
+        fn()
+    start = time.perf_counter()
+    while (time.perf_counter() - start) * 1e3 < warmup_ms * len(fns):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    start = time.perf_counter()
+    while len(times[0]) < min_reps or ((time.perf_counter() - start) * 1e3 < rep_ms * len(fns)
+                                       and len(times[0]) < max_reps):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            times[i].append((time.perf_counter() - t0) * 1e3)
+    return [{"ms": statistics.median(ts), "p20": _quantile(ts, 0.2), "p80": _quantile(ts, 0.8)} for ts in times]
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 0, **kw) -> dict:
     """A device-to-device ``copy_`` of a large buffer; bytes moved = 2 × size (read + write)."""
     if not nbytes:

@@ -13,7 +13,7 @@ if ROOT not in sys.path:
 
 from benchmarks import plots, report, run, verify  # noqa: E402
 from benchmarks.harness import COLUMNS, Runner  # noqa: E402
-from benchmarks.providers import INTERPRET_REASON, Compiled, Eager, Kdkernels, Provider, select  # noqa: E402
+from benchmarks.providers import INTERPRET_REASON, Compiled, Eager, Kdkernels, Provider, Reference, select  # noqa: E402
 from benchmarks.shapes import Case, make_inputs, min_bytes, min_flops, suite_cases  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -89,7 +89,7 @@ def test_suites_have_the_named_shapes():
 
 def test_rows_are_produced_verified_and_timed():
     cases = [tiny("kd"), tiny("dkd"), Case("tiny", "infonce", 16, 8, "fp32")]
-    runner = Runner([Eager()], CPU, copy_GBps=10.0, matmul_TFLOPs={"fp32": 0.1}, **FAST)
+    runner = Runner([Reference()], CPU, copy_GBps=10.0, matmul_TFLOPs={"fp32": 0.1}, **FAST)
     rows = runner.run(cases)
     assert len(rows) == len(cases) * 2
     for r in rows:
@@ -105,8 +105,23 @@ def test_rows_are_produced_verified_and_timed():
     assert all(r["TFLOPs"] > 0 and r["pct_matmul"] is not None for r in contrastive)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_published_baselines_match_the_reference(dtype):
+    """The eager provider is the published arithmetic (benchmarks/baselines.py), verified like any other
+    provider against the float64 reference: an honest baseline computes the same loss and gradient."""
+    from benchmarks.shapes import LOGIT_METHODS
+    # bf16 logits of a 40-class row tie often; TopKD's groups are then ambiguous (either choice is right)
+    methods = [m for m in LOGIT_METHODS if dtype == "fp32" or m != "topkd"]
+    cases = [tiny(m, N=8, C=40, dtype=dtype) for m in methods]
+    rows = Runner([Eager()], CPU, modes=("fwd+bwd",), **FAST).run(cases)
+    assert [r["method"] for r in rows] == methods
+    bad = [(r["method"], r["reason"]) for r in rows if r["status"] != "ok"]
+    assert not bad, bad
+    assert Eager().applies(tiny("infonce")) is False  # no published code: only the reference row
+
+
 def test_failing_missing_wrong_and_oom_providers_are_rows_not_crashes():
-    rows = Runner([Raising(), Missing(), Wrong(), OutOfMemory(), Eager()], CPU, **FAST).run([tiny("kd")])
+    rows = Runner([Raising(), Missing(), Wrong(), OutOfMemory(), Reference()], CPU, **FAST).run([tiny("kd")])
     assert len(rows) == 5 * 2
     for r in by(rows, "raising"):
         assert r["status"] == "failed" and "boom from a broken provider" in r["reason"]
@@ -117,13 +132,13 @@ def test_failing_missing_wrong_and_oom_providers_are_rows_not_crashes():
         assert r["loss_err"] > verify.TOLERANCE["fp32"] and r["time_ms"] is None
     for r in by(rows, "oom"):
         assert r["status"] == "skipped" and r["reason"].startswith("out of memory")
-    assert all(r["status"] == "ok" for r in by(rows, "eager"))  # the run went on after the failures
+    assert all(r["status"] == "ok" for r in by(rows, "reference"))  # the run went on after the failures
 
 
 def test_cases_too_large_for_the_device_are_skipped_rows():
-    rows = Runner([Eager()], CPU, max_elements=100, **FAST).run([tiny(N=8, C=40)])
+    rows = Runner([Reference()], CPU, max_elements=100, **FAST).run([tiny(N=8, C=40)])
     assert [r["status"] for r in rows] == ["skipped", "skipped"] and "--max-elements" in rows[0]["reason"]
-    llm = Runner([Eager()], CPU, **FAST)
+    llm = Runner([Reference()], CPU, **FAST)
     assert llm.max_elements == 1 << 26
 
 
@@ -154,8 +169,8 @@ def test_chunked_reference_and_sampled_gradient(monkeypatch):
     chunks = ref.chunks(sampled=True)
     assert chunks[0][0] == 0 and chunks[-1][1] == 19 and len(chunks) == verify.SAMPLED_CHUNKS
     assert len(ref.chunks(sampled=False)) == 10
-    rows = Runner([Eager(), Wrong()], CPU, modes=("fwd+bwd",), **FAST).run([case])
-    eager, wrong = by(rows, "eager")[0], by(rows, "wrong")[0]
+    rows = Runner([Reference(), Wrong()], CPU, modes=("fwd+bwd",), **FAST).run([case])
+    eager, wrong = by(rows, "reference")[0], by(rows, "wrong")[0]
     assert eager["status"] == "ok" and eager["grad_err"] < 1e-5, eager
     assert eager["verified"] == "loss+grad(15/19 rows)"
     assert wrong["status"] == "failed"
@@ -163,7 +178,7 @@ def test_chunked_reference_and_sampled_gradient(monkeypatch):
 
 def test_verification_tolerance_is_per_dtype():
     assert verify.TOLERANCE["fp64"] < verify.TOLERANCE["fp32"] < verify.TOLERANCE["bf16"]
-    rows = Runner([Eager()], CPU, modes=("fwd+bwd",), **FAST).run([tiny(dtype="bf16"), tiny(dtype="fp64")])
+    rows = Runner([Reference()], CPU, modes=("fwd+bwd",), **FAST).run([tiny(dtype="bf16"), tiny(dtype="fp64")])
     assert [r["status"] for r in rows] == ["ok", "ok"]
 
 
@@ -178,14 +193,15 @@ def test_triton_is_never_timed_under_the_interpreter(monkeypatch):
 def test_provider_selection_and_aliases():
     from benchmarks.providers import all_providers
     names = [p.name for p in select(["reference", "triton"], all_providers())]
-    assert names == ["kdk-triton", "eager"]
+    assert names == ["kdk-triton", "reference"]
+    assert [p.name for p in select(["published", "compile"], all_providers())] == ["eager", "compile"]
     assert {p.name for p in select(["kdkernels"], all_providers())} == {"kdk-triton", "kdk-cuda", "kdk-cpu"}
     with pytest.raises(ValueError, match="unknown provider"):
         select(["nope"], all_providers())
 
 
 def test_csv_markdown_and_provenance(tmp_path):
-    rows = Runner([Eager(), Missing(), Raising()], CPU, copy_GBps=10.0, **FAST).run([tiny()])
+    rows = Runner([Reference(), Missing(), Raising()], CPU, copy_GBps=10.0, **FAST).run([tiny()])
     prov = {"device": "test cpu", "torch": torch.__version__, "triton": "x", "git_commit": "abc",
             "date": "today", "TRITON_INTERPRET": "(unset)"}
     paths = report.write_all(str(tmp_path), "tiny", rows, prov, {"copy bandwidth": "10 GB/s"}, "title")
@@ -196,7 +212,7 @@ def test_csv_markdown_and_provenance(tmp_path):
         assert any(ln.startswith("# " + key) for ln in comments), key
     assert any("fwd = 2·N·C·itemsize" in ln and "fwd+bwd = 3·N·C·itemsize" in ln for ln in comments)
     table = list(csv.DictReader([ln for ln in lines if not ln.startswith("#")]))
-    assert list(table[0])[:len(COLUMNS)] == COLUMNS and "x_vs_eager" in table[0]
+    assert list(table[0])[:len(COLUMNS)] == COLUMNS and "x_vs_reference" in table[0]
     assert {r["status"] for r in table} == {"ok", "skipped", "failed"}
     md = open(paths["md"]).read()
     assert "| method | shape |" in md and "2·N·C·itemsize" in md and "not installed on this machine" in md
@@ -214,15 +230,19 @@ def test_speedups_compare_providers_on_the_same_case():
 
 
 def test_plots_are_written_or_skipped_with_a_note(tmp_path):
-    rows = Runner([Eager()], CPU, modes=("fwd",), copy_GBps=10.0, **FAST).run([tiny(N=4), tiny(N=8)])
-    paths, note = plots.write_plots(str(tmp_path), "tiny", rows)
+    rows = Runner([Reference()], CPU, modes=("fwd",), copy_GBps=10.0, **FAST).run([tiny(N=4), tiny(N=8),
+                                                                                 tiny("dkd", N=8)])
+    paths, note = plots.write_plots(str(tmp_path), "tiny", rows, device="test cpu")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         assert paths == [] and "matplotlib" in note
     else:
-        assert note is None and [os.path.basename(p) for p in paths] == ["tiny-kd-fp32.png"]
+        assert [os.path.basename(p) for p in paths] == ["tiny-kd-fp32.png"]
         assert os.path.getsize(paths[0]) > 1000
+        assert "dkd fp32" in note  # one shape only: a table row, not a one-point plot
+    assert set(plots.PROVIDER_COLOURS) >= {"kdk-triton", "kdk-cuda", "kdk-cpu", "eager", "reference", "compile"}
+    assert len(set(plots.PROVIDER_COLOURS.values())) == len(plots.PROVIDER_COLOURS)
 
 
 def test_cli_end_to_end(tmp_path, capsys):
@@ -237,13 +257,87 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "liger" in text  # a Liger row for kd: skipped with the reason (not installed / no CUDA here)
 
 
-def test_gpu_check_script_parses():
+def test_gpu_check_script_is_one_call_of_at_most_seven_minutes():
     script = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
     assert subprocess.run(["bash", "-n", script]).returncode == 0
-    dry = subprocess.run(["bash", script, "--dry-run", "all"], capture_output=True, text=True, cwd=ROOT,
-                         env=dict(os.environ, OUT=""), timeout=60)
-    assert dry.returncode == 0, dry.stderr
-    for needle in ("pip install --no-deps --no-build-isolation -e .", "KDKERNELS_BUILD_CUDA=1",
-                   "KDKERNELS_TEST_DEVICE=cuda", "--suite imagenet", "--suite llm", "--suite contrastive"):
-        assert needle in dry.stdout, needle
-    assert "TRITON_INTERPRET=1" not in dry.stdout
+    text = open(script).read()
+    assert "GPU_CHECK_SECONDS:-420" in text  # the default budget: 7 minutes
+    env = dict(os.environ, OUT="")
+    main = subprocess.run(["bash", script, "--dry-run"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    assert main.returncode == 0, main.stderr
+    order = ["benchmarks.timing cuda", "KDKERNELS_BUILD_CUDA=0", "pip install --no-deps --no-build-isolation -e .",
+             "--suite headline --mode fwd+bwd --providers kdk-triton --verify-only",
+             "--suite headline --mode fwd+bwd --providers kdk-triton,eager,compile", "ncu --csv", "benchmarks.ncu_probe"]
+    pos = [main.stdout.find(needle) for needle in order]
+    assert all(p >= 0 for p in pos) and pos == sorted(pos), list(zip(order, pos))  # in priority order
+    assert "pytest" not in main.stdout and "TRITON_INTERPRET=1" not in main.stdout
+    tests = subprocess.run(["bash", script, "--dry-run", "tests"], capture_output=True, text=True, cwd=ROOT,
+                           env=env, timeout=60)
+    assert tests.returncode == 0, tests.stderr
+    for needle in ("KDKERNELS_BUILD_CUDA=1", "KDKERNELS_TEST_DEVICE=cuda", "tests/test_parity.py"):
+        assert needle in tests.stdout, needle
+    assert subprocess.run(["bash", script, "--dry-run", "nope"], capture_output=True, cwd=ROOT).returncode == 2
+
+
+def test_headline_suite_has_the_gpu_call_shapes():
+    cases = suite_cases("headline", "cuda")
+    assert {(c.N, c.C, c.dtype) for c in cases} == {(1024, 1000, "fp32"), (8192, 1000, "fp32"),
+                                                     (16384, 131072, "bf16")}
+    assert {c.method for c in cases} == {"kd", "dkd", "ldrld", "topkd", "dtkd"}
+
+
+def test_verify_only_rows_are_checked_not_timed():
+    rows = Runner([Reference()], CPU, modes=("fwd+bwd",), verify_only=True, **FAST).run([tiny("kd")])
+    assert rows[0]["status"] == "ok" and rows[0]["time_ms"] is None and rows[0]["grad_err"] < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------
+# the static instruments' parsers (the measurements themselves: tests/test_budgets.py)
+# ---------------------------------------------------------------------------------------------------
+SASS = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E.64 R2, desc[UR16][R2.64] ;
+        /*0020*/              @!P5 LDG.E.EL.128 R8, desc[UR10][R6.64] ;
+        /*0030*/                   FADD R4, R4, R5 ;
+        /*0040*/                   NOP ;
+        /*0050*/              @!P6 BRA 0x20 ;
+        /*0060*/                   STG.E desc[UR4][R2.64], R4 ;
+        /*0070*/              @!P1 BRA 0x60 ;
+        /*0080*/                   EXIT ;
+        /*0090*/                   BRA 0x90;
+"""
+
+
+def test_sass_hot_loops_and_vector_width():
+    from benchmarks import compile_facts as cf
+    insns = [(a, i) for a, i in cf.parse_sass(SASS) if not i.startswith("NOP")]
+    assert insns[0] == (0, "LDC R1, c[0x0][0x28]") and len(insns) == 9
+    loops = cf.hot_loops(insns)  # 0x20..0x50 holds a load; 0x60..0x70 (a store loop) does not
+    assert loops == [{"start": 0x20, "end": 0x50, "instructions": 3, "ldg_bits": [128]}]
+
+
+def test_ctas_per_sm_and_ptxas_log():
+    from benchmarks import compile_facts as cf
+    assert cf.ctas_per_sm(64, 8, 32) == 4        # 64 regs x 256 threads: 16384 of 65536 registers
+    assert cf.ctas_per_sm(255, 8, 0) == 1
+    assert cf.ctas_per_sm(32, 2, 0) == 32        # the CTA limit
+    assert cf.ctas_per_sm(32, 4, 200_000) == 1   # shared memory
+    log = ("ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90'\n"
+           "ptxas info    : Function properties for _Z3fooPf\n"
+           "    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
+           "ptxas info    : Used 106 registers, used 0 barriers, 392 bytes cmem[0]\n")
+    (row,) = cf.parse_ptxas(log)
+    assert (row["arch"], row["registers"], row["stack"], row["spill_stores"], row["spill_loads"]) == \
+        ("sm_90", 106, 8, 4, 4)
+    assert row["kernel"] in ("foo(float*)", "_Z3fooPf")
+
+
+def test_op_classification():
+    from benchmarks.instruments import OpCounter, classify_ops
+    x = torch.randn(4, 5, requires_grad=True)
+    with OpCounter() as ops:
+        y = x.view(20).sum() * 2
+        torch.autograd.grad(y, x, torch.ones(()))
+    kinds = classify_ops(ops.ops)
+    assert "aten::sum" in kinds["aten_kernels"] and "aten::view" in kinds["aten_free"]
+    assert "aten::mul" in kinds["aten_kernels"] and not kinds["custom"]
