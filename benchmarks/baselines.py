@@ -10,7 +10,7 @@ codes and would inflate speedups; the reference stays a separate, clearly named 
 * ``dkd``: mdistiller ``dkd_loss`` (full softmaxes summed by masks, ``log`` of the summed student
   probabilities, the target excluded from NCKD by subtracting 1000 from its ``z/T``).
 * ``aekt`` [reconstructed, no public code]: ``dkd``'s arithmetic with the TCKD weight ``min(p_y/q_y, w_max)``
-  (detached) per row, as losses.md §7 describes.
+  (detached) per row, as docs/dkd.md describes.
 * ``dtkd``: JinYu1998/DTKD ``forward_train`` (dynamic temperatures from the row maxima, ``T_t·T_s`` scaled KL
   + ``τ²`` KL).
 * ``ldrld``: yema-web/LDRLD ``selective_softmax_loss``: a full masked softmax (−1000) per top-k pair and one
@@ -111,7 +111,7 @@ def ldrld(s, t, y=None, k=7, T=T_DEFAULT, alpha=10.5, beta=7.0, gamma=0.05):
 
 
 def _tsm(t, y, k=5, scale=0.5, shift=0.5, gt_scale=0.5):
-    """TopKD's Top-K Scaling of the teacher (losses.md §6), as a paper reader would write it."""
+    """TopKD's Top-K Scaling of the teacher (docs/topkd.md), as a paper reader would write it."""
     t = t.detach()
     vals, idx = t.topk(k, dim=1)
     C = t.shape[1]

@@ -1,4 +1,4 @@
-"""Instruments that measure GPU-relevant facts on a CPU machine (ci.md, "Measuring GPU performance
+"""Instruments that measure GPU-relevant facts on a CPU machine (benchmarks/README.md, "Measuring GPU performance
 without a GPU").
 
 * :func:`count_transfers` — under ``TRITON_INTERPRET=1`` every global access of an interpreted kernel goes

@@ -3,7 +3,7 @@
 //  * better(a, i, b, j): the selection order of every top-k — larger key first, ties to the lower index
 //    (torch.sort(descending=True, stable=True)); a top-k is then exactly {c : (key_c, c) ⪰ k-th entry},
 //    which gives an O(1) membership test (Sel::contains) used by every later pass.
-//  * Bernoulli KL of LDRLD's pair term in log space (losses.md §5):
+//  * Bernoulli KL of LDRLD's pair term in log space (docs/ldrld.md):
 //        KL(Bern(σ(d_t)) ‖ Bern(σ(d_s))) = σ(d_t)(logσ(d_t) − logσ(d_s)) + σ(−d_t)(logσ(−d_t) − logσ(−d_s))
 //        ∂/∂d_s = −σ(d_t)·σ(−d_s) + σ(−d_t)·σ(d_s)        (each half dropped where its weight is 0)
 //  * stable σ / logσ: logσ(x) = min(x, 0) − log1p(exp(−|x|)).

@@ -7,7 +7,7 @@
 //         applies standardisation/TSM in place (cpu_engine.cpp), CUDA re-reads global memory each pass
 //         and applies them on the fly (kd_stream_view.h; also run on the host by sim_engine.cpp, so CI
 //         tests the CUDA code path without a GPU).
-// The math (losses.md; kdkernels/reference.py is the ground truth), with s̃/t' the student/teacher after
+// The math (docs/README.md; kdkernels/reference.py is the ground truth), with s̃/t' the student/teacher after
 // standardisation Z (§3) and the teacher's TSM (§6), zs = s̃/T, zt = t'/T, p = softmax(zt), q = softmax(zs):
 //
 //   ℓ = kd_w·T²·KL(p‖q) + ce_w·(LSE(s) − s_y) + T²·(α_n·TCKD + β·NCKD) + dtkd_w·T_t·T_s·KL_dyn
@@ -614,7 +614,7 @@ KD_FN void p6_write(const Exec& ex, View& v, const RowShared<A>& sh, const RowSt
 //: the spec selects a top-k somewhere (TSM, LDRLD's set, TDL's groups)
 KD_HD bool needs_topk(const KdParams& P) { return P.use_tsm != 0 || P.use_relation != 0 || P.use_tdl != 0; }
 
-//: one row of the engine: the driver over the passes above (losses.md; the header comment of this file).
+//: one row of the engine: the driver over the passes above (docs/README.md; the header comment of this file).
 //: kTopK = false compiles the engine without its top-k machinery (per-lane lists, merges, sparse columns)
 //: for specs where needs_topk(P) is false (the CUDA kernels' specialisation; the CPU twin keeps one).
 template <bool kTopK = true, class Exec, class View, class A>

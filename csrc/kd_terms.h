@@ -1,4 +1,4 @@
-// kd_terms.h — the per-column math of the engine's loss terms (losses.md; reference.py is the truth).
+// kd_terms.h — the per-column math of the engine's loss terms (docs/README.md; reference.py is the truth).
 //
 // Each term_* returns, for column c (a = s̃_c, b = t'_c), its part of the bulk gradient w.r.t. s̃_c and
 // its loss summands, by value, with guards written as selects (so the CPU loops over them vectorise):

@@ -1,4 +1,4 @@
-"""Batch-coupled contrastive losses (losses.md §8): :func:`info_nce` and :func:`msd_contrastive_loss`.
+"""Batch-coupled contrastive losses (docs/contrastive.md): :func:`info_nce` and :func:`msd_contrastive_loss`.
 
 They couple the samples of a batch, so they have their own kernel family (``dispatch.LAUNCHERS
 ["contrastive"]``) instead of the per-row logit engine.

@@ -69,7 +69,23 @@ def unavailable_reason(name: str, device: torch.device, family: str = "logit") -
 
 @torch.compiler.assume_constant_result  # host-side choice: torch.compile calls it once per graph
 def resolve(backend: Optional[str], device: torch.device, family: str = "logit") -> str:
-    """The backend name to run on ``device``: the explicit choice (or an error), or auto's pick."""
+    """The backend name to run on ``device``: the explicit choice (or an error), or auto's pick (cached
+    per argument and ``KDKERNELS_BACKEND``/``TRITON_INTERPRET`` values: availability does not change while
+    a process runs, and this is called on every loss)."""
+    key = (backend, device, family, os.environ.get("KDKERNELS_BACKEND"), os.environ.get("TRITON_INTERPRET"))
+    hit = _resolved.get(key)
+    if hit is not None and _cache.get((family, hit[0])) is hit[1]:  # the same launcher object: still valid
+        return hit[0]
+    name = _resolve(backend, device, family)
+    if name != "reference":
+        _resolved[key] = (name, _cache.get((family, name)))
+    return name
+
+
+_resolved: dict = {}
+
+
+def _resolve(backend: Optional[str], device: torch.device, family: str) -> str:
     if backend is None:
         backend = "auto"
     if backend == "auto":

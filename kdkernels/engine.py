@@ -97,6 +97,7 @@ class LogitDistillFunction(torch.autograd.Function):
         ctx.want_grad, ctx.inplace = want_grad, want_grad and spec.inplace
         ctx.keep_inputs = deferred or (keep_inputs and not ctx.inplace)
         ctx.mark_non_differentiable(*(x for x in (grad, dtemp) if x is not None))
+        ctx.set_materialize_grads(False)  # else autograd fills an [N, C] zero "gradient" of the grad output
         # the one [N, C] buffer goes through save_for_backward (saved-tensor hooks see it); it is scaled in
         # place by the first backward, so later backward calls (opt-in) never unpack it again
         ctx.save_for_backward(grad)
@@ -105,6 +106,8 @@ class LogitDistillFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, _grad_grad=None, _grad_dtemp=None):
+        if grad_output is None:  # the loss itself was not used (only its non-differentiable outputs)
+            return (None,) * 8
         create_graph = torch.is_grad_enabled()
         with torch.no_grad():
             grads = LogitDistillFunction._backward(ctx, grad_output)

@@ -51,7 +51,8 @@ def logit_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     temperature = None
     if isinstance(spec.temperature, torch.Tensor):
         temperature = flatten_temperature(spec.temperature, lead, N, s.device)
-    s2d, t2d = s.reshape(N, C), t.reshape(N, C)
+    s2d = s if s.dim() == 2 else s.reshape(N, C)
+    t2d = t if t.dim() == 2 else t.reshape(N, C)
     if check_mode(spec.check):
         check_values(s2d, t2d, labels, C, spec.ignore_index, temperature)
     name = resolve(backend, s.device)
@@ -65,13 +66,13 @@ def logit_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         if t2d.stride(-1) != 1:
             t2d = t2d.contiguous()
         launcher, _ = load_launcher("logit", name)
-        loss = fused_logit_distill(s2d, t2d.detach(), labels, temperature, packed(spec), launcher)
+        loss = fused_logit_distill(s2d, t2d, labels, temperature, packed(spec), launcher)
         if spec.value == "cross_entropy":
             loss = loss + _teacher_entropy(t2d, labels, spec, temperature)
         if t.requires_grad and torch.is_grad_enabled():
             loss = loss + _teacher_gradient_term(s2d, t2d, labels, spec, temperature)
     if spec.reduction == "none":
-        return loss.reshape(lead)
+        return loss if len(lead) == 1 else loss.reshape(lead)
     if spec.contrastive_weight != 0:
         con = _logit_contrastive(s2d, t2d, labels, spec, backend)
         loss = loss + (spec.contrastive_weight * spec.loss_weight) * con
@@ -107,7 +108,7 @@ def _teacher_gradient_term(s2d, t2d, labels, spec: LogitDistill, temperature) ->
 
 
 def _logit_contrastive(s2d, t2d, labels, spec: LogitDistill, backend: str) -> torch.Tensor:
-    """TopKD's batch-coupled InfoNCE over the logit rows (losses.md §6): one group of the valid rows.
+    """TopKD's batch-coupled InfoNCE over the logit rows (docs/topkd.md): one group of the valid rows.
 
     Ignored rows are left out of the group (selecting them costs one device sync, and only when labels
     are given); masked (−inf) classes are dropped from the vectors (set to 0) before normalisation.
@@ -185,7 +186,7 @@ def _with_common_args(fn):
 
 
 # ---------------------------------------------------------------------------------------------
-# method presets (losses.md §1–§7)
+# method presets (docs/README.md)
 # ---------------------------------------------------------------------------------------------
 @_with_common_args
 def kd_loss(logits_student, logits_teacher, temperature=4.0, *, labels=None, ignore_index=-100,

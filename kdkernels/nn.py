@@ -236,7 +236,7 @@ class DTKDLoss(_WarmupLogitLoss):
 @_document
 class LDRLDLoss(_LogitLoss):
     """LDRLD: ``ℓ_n = α·Σ_{r<r'≤k} w(r, r')·KL_pair + α·KL_set + β·KL_rest`` over the top-k classes
-    (rank-weighted pair terms, set term, rest term; losses.md §5).
+    (rank-weighted pair terms, set term, rest term; docs/ldrld.md).
 
     Equals yema-web/LDRLD's ``LDRLD.forward`` loss (set term weighted 1 at k = 2: documented).
 
@@ -376,7 +376,7 @@ class MSDContrastiveLoss(nn.Module):
 
 
 class TaskSerialization(nn.Module):
-    """AEKT's task serialisation (losses.md §7): a ``Linear(C, C)`` initialised to the identity.
+    """AEKT's task serialisation (docs/dkd.md): a ``Linear(C, C)`` initialised to the identity.
 
     CE goes on ``module(student_logits)``; AEKT goes on the student logits before it; inference uses the
     module's output.

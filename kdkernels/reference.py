@@ -1,6 +1,6 @@
 """Pure-PyTorch references: the ground truth every fast backend is checked against.
 
-Each function is plain autograd over the formulas of ``losses.md`` (no hand-written backward), in
+Each function is plain autograd over the formulas of ``docs/README.md`` (no hand-written backward), in
 float32 for 16/32-bit inputs and float64 for float64 inputs. :func:`logit_distill_rows` evaluates any
 :class:`~kdkernels.spec.LogitDistill` spec term by term; the method presets (kd, dkd, dtkd, ldrld, topkd,
 aekt) are only specs, built in :mod:`kdkernels.functional`.
@@ -36,7 +36,7 @@ from .spec import LogitDistill, RankRelation, TopKDecoupled, TopKScale
 
 #: added to the standard deviation before dividing (logit-standardization-KD's constant)
 STD_EPS = 1e-7
-#: lower bound of ‖u‖·‖v‖ in TDL's cosine (losses.md §6)
+#: lower bound of ‖u‖·‖v‖ in TDL's cosine (docs/topkd.md)
 COS_EPS = 1e-8
 
 
@@ -91,7 +91,7 @@ def standardize(z: torch.Tensor) -> torch.Tensor:
 
     A constant row (max = min over the finite entries) has σ = 0 exactly and Z = 0 (its mean is taken as
     the constant itself, not a rounded sum); its std is defined through a safe square root so the
-    gradient's second term is 0 there (losses.md §3) instead of autograd's NaN.
+    gradient's second term is 0 there (docs/standardize.md) instead of autograd's NaN.
     """
     live = z != -math.inf
     n = live.sum(-1, keepdim=True).to(z.dtype)
@@ -115,7 +115,7 @@ def ranked(x: torch.Tensor, k: int, descending: bool = True) -> torch.Tensor:
 
 
 def topk_scale(t: torch.Tensor, tsm: TopKScale, labels: Optional[torch.Tensor]) -> torch.Tensor:
-    """TopKD's TSM (losses.md §6) on teacher logits ``t`` [N, C]; ``labels`` already in range."""
+    """TopKD's TSM (docs/topkd.md) on teacher logits ``t`` [N, C]; ``labels`` already in range."""
     N, C = t.shape
     k = tsm.k
     top = ranked(t, k)
@@ -148,7 +148,7 @@ def _cos_term(s: torch.Tensor, t: torch.Tensor, member: torch.Tensor) -> torch.T
 
 
 def tdl_rows(s: torch.Tensor, t: torch.Tensor, tdl: TopKDecoupled) -> torch.Tensor:
-    """TopKD's TDL (losses.md §6): Pos/Neg/Non groups chosen by the transformed teacher ``t``."""
+    """TopKD's TDL (docs/topkd.md): Pos/Neg/Non groups chosen by the transformed teacher ``t``."""
     k = tdl.k
     pos = torch.zeros_like(t, dtype=torch.bool).scatter(1, ranked(t, k), True)
     # the k smallest among the classes not in Pos; masked (−inf) classes are taken last
@@ -175,7 +175,7 @@ def _bernoulli_kl(d_t: torch.Tensor, d_s: torch.Tensor) -> torch.Tensor:
 
 
 def ldrld_rows(s, t, T, rel: RankRelation):
-    """(L_local, L_rest) per row for LDRLD (losses.md §5); ``T`` is [N, 1]."""
+    """(L_local, L_rest) per row for LDRLD (docs/ldrld.md); ``T`` is [N, 1]."""
     k = rel.k
     idx = ranked(s if rel.rank_by == "student" else t, k)
     zs, zt = scaled(s, T), scaled(t, T)
@@ -372,7 +372,7 @@ def reduce_rows(rows: torch.Tensor, labels: Optional[torch.Tensor], spec: LogitD
 
 
 # ---------------------------------------------------------------------------------------------
-# batch-coupled contrastive terms (losses.md §8)
+# batch-coupled contrastive terms (docs/contrastive.md)
 # ---------------------------------------------------------------------------------------------
 def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
     """Symmetric InfoNCE per group of ``[G, M, D]`` (student ``a``, teacher ``b``), mean over groups."""
@@ -399,7 +399,7 @@ def msd_groups(f: torch.Tensor, scales: Sequence[int]):
 
 
 def msd_contrastive_loss(f_s, f_t, scales=(1, 2, 4), tau=0.1, sample_weight=1.0, feature_weight=1.0):
-    """Multi-scale decoupled contrastive feature loss (losses.md §8), mean over each kind of group."""
+    """Multi-scale decoupled contrastive feature loss (docs/contrastive.md), mean over each kind of group."""
     s_sample, s_feature = msd_groups(f_s, scales)
     t_sample, t_feature = msd_groups(f_t.detach(), scales)
     sample = info_nce(s_sample, t_sample, tau)

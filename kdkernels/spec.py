@@ -1,4 +1,4 @@
-"""The one engine spec: every logit loss of losses.md §1–§7 is a preset of :class:`LogitDistill`.
+"""The one engine spec: every logit loss of docs/README.md is a preset of :class:`LogitDistill`.
 
 A spec is a frozen, validated description of *which* terms a row loss has and with which constants.
 Per row ``n`` (after the optional standardisation ``Z`` and teacher transform ``TSM``)::
@@ -30,7 +30,7 @@ VALUES = ("kl", "cross_entropy")
 #: ``value`` as the kernels see it (the ``value`` int field, once the backends carry it)
 VALUE_CODES = {"kl": 0, "cross_entropy": 1}
 RANK_BY = ("student", "teacher")
-#: largest k of the in-kernel top-k (architecture.md §2: k ≤ 64 for the logit methods)
+#: largest k of the in-kernel top-k (docs/engine.md: k ≤ 64 for the logit methods)
 MAX_TOPK = 64
 
 
@@ -95,7 +95,7 @@ def _fix_k(largest: int, example: str, lowest: int = 1) -> str:
 
 @dataclass(frozen=True)
 class TopKScale:
-    """TopKD's Top-K Scaling Module (losses.md §6): rescales the teacher's top-k logits (no gradient).
+    """TopKD's Top-K Scaling Module (docs/topkd.md): rescales the teacher's top-k logits (no gradient).
 
     ``t'_i = (1 + scale·(k − r + 1)/k)·t_i + shift·gap`` for the rank-``r`` class of the teacher's
     top-k, ``t'_y = (1 + gt_scale)·t_y + shift·gap`` when labels are given and ``y`` is not in the
@@ -185,7 +185,7 @@ Temperature = Union[float, torch.Tensor]
 
 @dataclass(frozen=True, eq=False)
 class LogitDistill:
-    """Composable spec of a fused logit-distillation loss (losses.md §9).
+    """Composable spec of a fused logit-distillation loss (docs/engine.md).
 
     ``temperature``: a positive float, a 0-dim tensor or a per-row tensor (leading dims of the
     logits); a tensor with ``requires_grad`` is learnable (CTKD) and receives its exact gradient —

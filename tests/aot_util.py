@@ -1,4 +1,4 @@
-"""Ahead-of-time GPU compile check for Triton kernels, on a machine without a GPU (ci.md).
+"""Ahead-of-time GPU compile check for Triton kernels, on a machine without a GPU (benchmarks/README.md).
 
 The interpreter accepts programs the GPU compiler rejects (``tl.dot`` tiles with K < 16, unsupported
 dtype combinations, too much shared memory...). :func:`aot_compile` compiles each kernel configuration

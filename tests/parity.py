@@ -23,7 +23,7 @@ TOL = {
 
 
 def presets(C: int, labels: bool = True) -> dict:
-    """name → LogitDistill for every method of losses.md (k adapted to C, invalid ones left out)."""
+    """name → LogitDistill for every method of docs/README.md (k adapted to C, invalid ones left out)."""
     k_rel = min(4, C - 1)
     k_top = min(3, (C - 1) // 2)
     out = {

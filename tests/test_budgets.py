@@ -1,4 +1,4 @@
-"""Performance budgets, enforced on a CPU machine (architecture.md §7, issue 10).
+"""Performance budgets, enforced on a CPU machine (docs/engine.md, issue 10).
 
 The figures are the static ones of ``python -m benchmarks.static`` (see benchmarks/README.md), measured
 here on a small subset so the file runs in about two minutes on two cores: transfers per element counted
@@ -46,13 +46,16 @@ BUDGETS = {
     "spills": Budget(0, "max", "0 everywhere", "spilled bytes (local memory) of every shipped sm_90 configuration"),
     "registers_topk_v2": Budget(128, "max", "up to 253 (topkd bf16 128k)",
                                 "registers of every fp32/bf16 shipped configuration (engine v2 goal)"),
-    "registers_kd": Budget(72, "max", "kd fp32 C=1000: 40; kd bf16 128k: 64",
+    # raised from 72/4/76 on purpose with issue 9's numerics (NaN/+inf rows, LSE states in the logits' units,
+    # grad_factor, in-launch reduction): KD bf16 streamed went 75 -> 78 registers (3 CTAs x 8 warps = 24
+    # warps per SM, ample for a streaming loop); issue 11 item 3 (the LLM loop) is to win them back
+    "registers_kd": Budget(80, "max", "kd fp32 C=1000: 46; kd bf16 128k: 78",
                            "registers of the plain-KD configurations (fp32 single block, bf16/fp16 streamed)"),
-    "ctas_kd_streamed": Budget(4, "min", "4", "resident CTAs per SM of KD bf16 streamed (8 warps)"),
-    "insn_kd_streamed": Budget(76.0, "max", "72.3",
+    "ctas_kd_streamed": Budget(3, "min", "3", "resident CTAs per SM of KD bf16 streamed (8 warps)"),
+    "insn_kd_streamed": Budget(80.0, "max", "78.1",
                                "thread-instructions per column, KD bf16 streamed, all column loops together"),
     "insn_kd_streamed_floor": Budget(47.0, "max", "72.3",
-                                     "the same at the H200 bf16 bandwidth floor (ci.md): the LLM-loop goal"),
+                                     "the same at the H200 bf16 bandwidth floor (benchmarks/README.md): the LLM-loop goal"),
     "insn_ratio_topk_v2": Budget(1.3, "max", "kd_tsm 2.1, ldrld 6.2, topkd 11.0",
                                  "instructions per column of every streamed bf16 preset ÷ plain KD's"),
     # --- transfers per element of a fwd+bwd call (interpreter, unmasked lanes, grad_output 1)
@@ -65,10 +68,7 @@ BUDGETS = {
                                     "streamed bf16 stand-in, every preset ≤ plain KD's + 1 (engine v2 goal)"),
     # --- launches per fwd+bwd call (tiny input, Triton backend)
     "triton_launches": Budget(2, "max", "2", "Triton launches, every preset, labels or not, grad_output 1 or not"),
-    "device_kernels_today": Budget({"no_labels": 7, "labels": 11}, "max",
-                                   "7 / 11 (old-contract Triton launcher under the issue-9 Function)",
-                                   "Triton launches + ATen kernels, every preset"),
-    "device_kernels": Budget(2, "max", "7 without labels, 11 with",
+    "device_kernels": Budget(2, "max", "2 with and without labels (was 7 / 11)",
                              "Triton launches + ATen kernels, every preset (count and reduction in the kernel)"),
     # --- host time per fwd+bwd call on a tiny input (cpu backend), ÷ eager mdistiller KD in the same run
     "host_ratio_today": Budget(2.5, "max", "1.0-1.5 (noisy)", "every preset, kdk-cpu ÷ eager KD"),
@@ -81,7 +81,6 @@ PENDING = {
     "insn_kd_streamed_floor": "issue 11 item 3 (the LLM loop: 1/T multiply, exp2, fewer reductions)",
     "insn_ratio_topk_v2": "issue 11 (engine v2)",
     "streamed_transfers_v2": "issue 11 (engine v2)",
-    "device_kernels": "issue 9 (one-launch Function contract: count and reduction inside the launch)",
     "host_ratio": "issue 9 (one-launch Function contract, cached packed specs)",
 }
 
@@ -205,12 +204,6 @@ def _launch_figs(launches, field):
 
 def test_triton_launches(launches):
     check("triton_launches", _launch_figs(launches, "triton"))
-
-
-def test_device_kernels_today(launches):
-    limits = BUDGETS["device_kernels_today"].limit
-    check("device_kernels_today", _launch_figs(launches, "device_kernels"),
-          lambda label: limits["no_labels" if "no labels" in label else "labels"])
 
 
 def test_device_kernels_one_launch_contract(launches):

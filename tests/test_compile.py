@@ -1,7 +1,7 @@
 """The engine under torch.compile(fullgraph=True): ops registered with torch.library, no graph breaks.
 
 On CPU the C++ twin's ops are compiled (Triton's triton_op cannot be compiled through the interpreter,
-ci.md); on a GPU the Triton engine is. The dynamic-shape tests (issue 16) take ~3 min in all on 2 busy
+benchmarks/README.md); on a GPU the Triton engine is. The dynamic-shape tests (issue 16) take ~3 min in all on 2 busy
 cores (per-test times in their docstrings); compile time, not the inputs, is the cost."""
 import pytest
 import torch
@@ -36,7 +36,7 @@ def test_compile_fullgraph_cpu_twin(gen):
 @pytest.mark.skipif(unavailable_reason("triton", torch.device("cpu")) is not None,
                     reason="Triton runs on CPU tensors only under TRITON_INTERPRET=1")
 def test_compile_fullgraph_triton_interpreted(gen):
-    """The Triton engine's ops (an opaque custom_op under the interpreter, ci.md) inside a fullgraph."""
+    """The Triton engine's ops (an opaque custom_op under the interpreter, benchmarks/README.md) inside a fullgraph."""
     _check("triton", "cpu", gen)
 
 

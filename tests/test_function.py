@@ -204,3 +204,27 @@ def test_topkd_contrastive_with_an_explicit_cpp_backend(gen):
     got = kdk.topkd_loss(s, t, y, k=2, contrastive_weight=0.5, backend="cpu")
     want = kdk.topkd_loss(s, t, y, k=2, contrastive_weight=0.5, backend="reference")
     torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_backward_allocates_nothing_of_size_n_c(backend, gen):
+    """The Function's extra outputs (the gradient buffer, dtemp) are not differentiable: backward must
+    not materialise an [N, C] zero gradient for them (an allocation and a memset)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Fills(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "zero" in func.__name__ or "fill" in func.__name__ or "empty" in func.__name__:
+                self.ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    s, t, y = make_inputs(gen, 4, 10, torch.float32)
+    x = s.clone().requires_grad_(True)
+    loss = kdk.kd_loss(x, t, 2.0, labels=y, backend=backend)
+    with Fills() as mode:
+        loss.backward()
+    assert not mode.ops, mode.ops

@@ -212,7 +212,7 @@ def triton_cdiv(x, y):
 def test_torch_library_ops_registered():
     assert hasattr(torch.ops.kdkernels, "info_nce_fwd") and hasattr(torch.ops.kdkernels, "info_nce_bwd")
     # triton_op on the GPU; under the interpreter an opaque custom_op (triton_op's fake-tensor tracing
-    # would run the interpreted kernel on fake tensors — ci.md)
+    # would run the interpreted kernel on fake tensors — benchmarks/README.md)
     assert K.USE_TRITON_OP == (hasattr(torch.library, "triton_op") and not K._INTERPRETED_AT_IMPORT)
 
 

@@ -3,7 +3,7 @@
 Every comparison runs in float64 on fresh seeded random logits and checks the loss and the gradient with
 respect to the student logits (``torch.autograd.grad``) to a relative error of 1e-10 (max-abs error over
 max-abs value). ``reduction="batchmean"`` is the published codes' ``.mean()`` over rows (or
-``sum / N``). Only the deviations that losses.md calls out are allowed to differ:
+``sum / N``). Only the deviations that docs/README.md calls out are allowed to differ:
 
 * DKD: log-space ``log(1 - q_y)`` and exact target exclusion instead of ``log`` of summed probabilities and
   ``-1000`` masking. Identical to fp64 precision when the spreads of ``z/T`` are << 1000 (every input
@@ -176,7 +176,7 @@ def test_dkd_standardize_matches_logit_standardization(n, c):
 
 
 def _dkd_exact_logspace(s, t, y, alpha, beta, T):
-    """DKD of losses.md §2 written in log space with exact exclusion (for the over-confident case, where
+    """DKD of docs/dkd.md written in log space with exact exclusion (for the over-confident case, where
     the published code is not usable). Mean over rows."""
     lq = F.log_softmax(s / T, dim=1)
     lp = F.log_softmax(t / T, dim=1)
@@ -209,7 +209,7 @@ def test_dkd_confident_student_finite_where_published_is_not():
     )
     assert torch.isfinite(l_ours), "kdkernels DKD loss must stay finite for a confident student"
     assert torch.isfinite(g_ours).all(), "kdkernels DKD gradient must stay finite for a confident student"
-    # and it is the right finite value: losses.md §2 in log space with exact exclusion
+    # and it is the right finite value: docs/dkd.md in log space with exact exclusion
     l_ref, g_ref = _loss_and_grad(lambda x: _dkd_exact_logspace(x, t, y, alpha, beta, T), s)
     _assert_close(l_ours, l_ref, "dkd confident loss (log-space)")
     _assert_close(g_ours, g_ref, "dkd confident grad (log-space)")
@@ -272,7 +272,7 @@ def test_dtkd_signed_temperatures_use_tau(case):
 
 
 def test_dtkd_nonpositive_max_sum_uses_tau():
-    """Rows with x + v <= 0: kdkernels uses T_s = T_t = tau (losses.md §4's documented deviation), so
+    """Rows with x + v <= 0: kdkernels uses T_s = T_t = tau (docs/dtkd.md's documented deviation), so
     those rows equal (alpha + beta) * tau^2 * KL at tau, i.e. the published KD term; the other rows of
     the same batch follow the published DTKD code."""
     n, c, tau, alpha, beta = 6, 10, 4.0, 3.0, 1.0
@@ -348,8 +348,8 @@ def test_ldrld_params_match_official(T, alpha, beta):
     strict=True,
     reason=(
         "undocumented discrepancy: for k == 2 the published selective_softmax_loss treats the set tuple "
-        "(0, 1) as a pair (len == 2) and weights the set term by ADW(0, 1) = 0.6886 too; losses.md §5 "
-        "gives the set term weight 1. Owner to decide (document in losses.md or follow the code)."
+        "(0, 1) as a pair (len == 2) and weights the set term by ADW(0, 1) = 0.6886 too; docs/ldrld.md "
+        "gives the set term weight 1. Owner to decide (document in docs/README.md or follow the code)."
     ),
 )
 @pytest.mark.parametrize("n,c", [(5, 3), (16, 10)])
@@ -366,7 +366,7 @@ def test_ldrld_k2_matches_official(n, c):
 
 
 def test_published_ldrld_weights_are_losses_md_table():
-    """The transcribed ADW reproduces losses.md §5's test vector (guards the transcription itself)."""
+    """The transcribed ADW reproduces docs/ldrld.md's test vector (guards the transcription itself)."""
     w = pub.ldrld_adw
     assert abs(w(0, 1) - 0.6886) < 5e-5
     assert abs(w(0, 6) - 0.1788) < 5e-5

@@ -1,7 +1,7 @@
 """The reference losses (through the public API, ``backend="reference"``) against independent closed
-forms and the identities / test vectors of losses.md.
+forms and the identities / test vectors of docs/README.md.
 
-Every closed form here is written from losses.md with plain torch primitives (softmax, log_softmax,
+Every closed form here is written from docs/README.md with plain torch primitives (softmax, log_softmax,
 cross_entropy, explicit loops); none calls a helper of ``kdkernels.reference``. Everything runs in
 float64; "rel" is max-abs error over max-abs value.
 """
@@ -74,7 +74,7 @@ def kl_closed(t_z, s_z):
 
 
 def Z(z):
-    """losses.md §3 standardisation, written independently (torch.std is unbiased)."""
+    """docs/standardize.md standardisation, written independently (torch.std is unbiased)."""
     return (z - z.mean(-1, keepdim=True)) / (z.std(-1, keepdim=True) + 1e-7)
 
 
@@ -127,7 +127,7 @@ def test_kd_per_row_temperature(gen):
 
 
 def _dKL_dT(s, t, T):
-    """losses.md §1: ∂KL/∂T = −(1/T²)[Σ(q−p)s + Σ t p (log p − log q − KL)] per row; T is [N, 1]."""
+    """docs/kd.md: ∂KL/∂T = −(1/T²)[Σ(q−p)s + Σ t p (log p − log q − KL)] per row; T is [N, 1]."""
     lp, lq = (t / T).log_softmax(-1), (s / T).log_softmax(-1)
     p, q = lp.exp(), lq.exp()
     kl = (p * (lp - lq)).sum(-1, keepdim=True)
@@ -328,7 +328,7 @@ def test_standardize_constant_row_finite_gradient(gen):
 # §4 DTKD
 # ------------------------------------------------------------------------------------------------
 def dtkd_closed(s, t, tau, alpha, beta):
-    """(rows, gradient of Σ rows) per losses.md §4, with the argmax path derived by hand."""
+    """(rows, gradient of Σ rows) per docs/dtkd.md, with the argmax path derived by hand."""
     N, C = s.shape
     x = t.max(-1).values
     v = s.max(-1).values
@@ -448,7 +448,7 @@ def test_ldrld_weight_table():
 
 
 def ldrld_closed(s, t, k, T, alpha, beta, rank_by, eps=1.5, delta=2.0, lam=0.05):
-    """losses.md §5 by explicit loops over rows and pairs."""
+    """docs/ldrld.md by explicit loops over rows and pairs."""
     N, C = s.shape
     out = []
     for n in range(N):
@@ -1075,7 +1075,7 @@ def test_empty_batch(gen):
 
 
 def test_topkd_contrastive_term_skips_ignored_rows(gen):
-    """Regression: ignored rows must stay out of topkd's batch-coupled InfoNCE group (losses.md §0)."""
+    """Regression: ignored rows must stay out of topkd's batch-coupled InfoNCE group (docs/conventions.md)."""
     N, C = 6, 9
     s, t = spaced(gen, N, C) * 2, spaced(gen, N, C) * 2
     y = randlabels(gen, N, C)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(unavailable_reason("triton", DEVICE) is not None
                                 reason=f"Triton cannot run on {DEVICE} here")
 
 E = pytest.importorskip("kdkernels._triton.engine")
-#: float64 parity bound (architecture.md §7)
+#: float64 parity bound (docs/engine.md)
 EXACT = 1e-12
 #: one preset per family of terms (KD + standardize, DKD + CE + TSM, DTKD, LDRLD, TopKD's TDL)
 SEMANTICS_PRESETS = ("kd_std", "dkd_tsm", "kd_ce", "dtkd", "ldrld", "topkd")

@@ -1,4 +1,4 @@
-"""One test per validation error at the API boundary, and the check mode (losses.md §0, §9)."""
+"""One test per validation error at the API boundary, and the check mode (docs/conventions.md, §9)."""
 from __future__ import annotations
 
 import math

@@ -1,6 +1,6 @@
 """The fused logit-distillation engine in Triton: one program per row, any ``LogitDistill`` preset.
 
-Math (losses.md; ``s̃``/``t̃`` are the logits after the optional standardisation ``Z`` and TopKScale,
+Math (docs/README.md; ``s̃``/``t̃`` are the logits after the optional standardisation ``Z`` and TopKScale,
 ``z = x/T``, ``q = softmax(z_s)``, ``p = softmax(z_t)``, all in float32 — float64 for float64 inputs —
 whatever dtype each operand is stored in)::
 
@@ -58,6 +58,7 @@ batchmean each program also reads the N labels (from L2).
 from __future__ import annotations
 
 import contextlib
+import threading
 import functools
 from typing import List, Optional, Tuple
 
@@ -1135,11 +1136,14 @@ class TritonLauncher:
 
         Cached per (device, CUDA stream) and zeroed once at creation: every launch leaves it at 0 again,
         so no memset launch per call. Launches on one stream run one after another, so they never share
-        it concurrently; another stream gets its own. Under torch.compile (a graph must not capture a
-        global buffer) and in the interpreter (Python threads could interleave) a fresh one is made."""
-        if torch.compiler.is_compiling() or device.type != "cuda":
+        it concurrently; another stream gets its own (in the interpreter: another thread). Under
+        torch.compile (a graph must not capture a global buffer) a fresh one is made."""
+        if torch.compiler.is_compiling():
             return torch.zeros(1, dtype=torch.int32, device=device)
-        key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+        if device.type == "cuda":
+            key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream)
+        else:  # the interpreter runs a launch's programs one after another, on the calling thread
+            key = (device.type, device.index, threading.get_ident())
         counter = self._tickets.get(key)
         if counter is None:
             counter = self._tickets[key] = torch.zeros(1, dtype=torch.int32, device=device)

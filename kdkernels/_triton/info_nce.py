@@ -1,4 +1,4 @@
-"""Fused symmetric InfoNCE over groups ``[G, M, D]`` (losses.md §8) — Triton kernels and launcher.
+"""Fused symmetric InfoNCE over groups ``[G, M, D]`` (docs/contrastive.md) — Triton kernels and launcher.
 
 Math (per group; ``a`` = student rows with gradient, ``b`` = teacher rows, constant)::
 
