@@ -212,3 +212,35 @@ def test_fp16_gradient_keeps_a_loss_scale(backend, gen):
     g_ref = g_ref * scale
     rel = ((g.double() - g_ref).abs() / g_ref.abs().clamp(min=1e-30))[g_ref.abs() > 1e-3]
     assert rel.max() < 4e-3, float(rel.max())  # a few float16 ulps, everywhere in the normal range
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("s_dtype,t_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                             (torch.float16, torch.float32)])
+def test_mixed_dtypes_without_a_cast_copy(backend, s_dtype, t_dtype, gen):
+    """A bf16 student with an fp32 teacher (autocast, LLM teachers): each operand is loaded in its own
+    dtype — no [N, C] cast copy — and the result equals the float64 reference on the same values."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.casts = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.startswith(("_to_copy", "to.", "copy_")) and args[0].dim() == 2:
+                self.casts.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    s, t, y = make_inputs(gen, 4, 40, torch.float64)
+    s, t = s.to(s_dtype), t.to(t_dtype)
+    for name in ("kd", "dkd", "ldrld"):
+        spec = presets(40)[name]
+        x = s.clone().requires_grad_(True)
+        with Casts() as mode:
+            loss = kdk.logit_distill(x, t, y, spec, backend=backend)
+            grad, = torch.autograd.grad(loss, x)
+        assert not mode.casts, f"{name}: [N, C] casts {mode.casts}"
+        assert grad.dtype == s_dtype
+        assert_close((loss.detach().reshape(1), grad), tuple(v.reshape(1) if v.dim() == 0 else v for v in
+                     reference64(s, t, y, spec)), s_dtype, f"{name} {s_dtype}/{t_dtype}")
