@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .timing import quantile
+
 # ------------------------------------------------------------------------------------------------
 # interpreter transfers and Triton launches
 # ------------------------------------------------------------------------------------------------
@@ -153,14 +155,6 @@ def classify_ops(ops: List[str]) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def _quantile(xs, q):
-    xs = sorted(xs)
-    pos = q * (len(xs) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def host_times(fns: Dict[str, Callable[[], object]], repeats: int = 15, calls: int = 40,
                warmup: int = 20) -> Dict[str, dict]:
     """Per-call µs of each callable: ``repeats`` rounds, each timing ``calls`` back-to-back calls of every
@@ -179,7 +173,7 @@ def host_times(fns: Dict[str, Callable[[], object]], repeats: int = 15, calls: i
     out = {}
     for name, xs in samples.items():
         med = statistics.median(xs)
-        p20, p80 = _quantile(xs, 0.2), _quantile(xs, 0.8)
+        p20, p80 = quantile(xs, 0.2), quantile(xs, 0.8)
         out[name] = {"us": med, "p20": p20, "p80": p80, "spread": (p80 - p20) / med if med else 0.0,
                      "samples": xs}
     return out

@@ -27,7 +27,8 @@ def is_oom(exc: BaseException) -> bool:
     return "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text
 
 
-def _quantile(xs, q):
+def quantile(xs, q):
+    """The q-quantile of ``xs`` by linear interpolation."""
     xs = sorted(xs)
     pos = q * (len(xs) - 1)
     lo = int(pos)
@@ -52,7 +53,7 @@ def measure(fn, device: torch.device, warmup_ms: float = 25, rep_ms: float = 100
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return {"ms": statistics.median(times), "p20": _quantile(times, 0.2), "p80": _quantile(times, 0.8)}
+    return {"ms": statistics.median(times), "p20": quantile(times, 0.2), "p80": quantile(times, 0.8)}
 
 
 def measure_interleaved(fns, warmup_ms: float = 10, rep_ms: float = 100, min_reps: int = 5,
@@ -74,7 +75,7 @@ def measure_interleaved(fns, warmup_ms: float = 10, rep_ms: float = 100, min_rep
             t0 = time.perf_counter()
             fn()
             times[i].append((time.perf_counter() - t0) * 1e3)
-    return [{"ms": statistics.median(ts), "p20": _quantile(ts, 0.2), "p80": _quantile(ts, 0.8)} for ts in times]
+    return [{"ms": statistics.median(ts), "p20": quantile(ts, 0.2), "p80": quantile(ts, 0.8)} for ts in times]
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 0, **kw) -> dict:

@@ -14,15 +14,9 @@
 
 namespace kd {
 
-//: row n of L on the block `ex` (every lane calls it; the leader writes the row outputs); kTopK: false
-//: only for specs without top-k (needs_topk)
-template <class S, class Tt, class A, class Cvt, bool kTopK = true, class Exec>
-KD_FN void run_block_row(const Exec& ex, RowShared<A>& sh, const KdLaunch& L, int64_t n,
-                         unsigned long long count) {
-  StreamView<S, Tt, A, Cvt> v;
-  v.init(static_cast<const S*>(L.s) + n * L.s_ld, static_cast<const Tt*>(L.t) + n * L.t_ld,
-         L.grad ? static_cast<S*>(L.grad) + n * L.g_ld : nullptr);
-  const A rscale = reduction_scale<A>(L.params, count);
+//: the inputs of row n of L (label, temperature, gradient scale r·grad_factor[n]) and zeroed outputs
+template <class A>
+KD_FN RowIO<A> row_io(const KdLaunch& L, int64_t n, A rscale) {
   RowIO<A> io;
   io.C = static_cast<int>(L.C);
   io.has_labels = L.labels != nullptr;
@@ -33,11 +27,28 @@ KD_FN void run_block_row(const Exec& ex, RowShared<A>& sh, const KdLaunch& L, in
   io.want_dtemp = L.dtemp != nullptr;
   io.grad_scale = row_factor<A>(L, n) * rscale;
   io.loss = io.dtemp = A(0);
+  return io;
+}
+
+//: row n's outputs: loss_weight·ℓ_n into row_loss, r·∂ℓ_n/∂T_n into dtemp
+template <class A>
+KD_FN void store_row(const KdLaunch& L, int64_t n, A rscale, const RowIO<A>& io) {
+  static_cast<A*>(L.row_loss)[n] = static_cast<A>(L.params.loss_weight) * io.loss;
+  if (L.dtemp) static_cast<A*>(L.dtemp)[n] = rscale * io.dtemp;
+}
+
+//: row n of L on the block `ex` (every lane calls it; the leader writes the row outputs); kTopK: false
+//: only for specs without top-k (needs_topk)
+template <class S, class Tt, class A, class Cvt, bool kTopK = true, class Exec>
+KD_FN void run_block_row(const Exec& ex, RowShared<A>& sh, const KdLaunch& L, int64_t n,
+                         unsigned long long count) {
+  StreamView<S, Tt, A, Cvt> v;
+  v.init(static_cast<const S*>(L.s) + n * L.s_ld, static_cast<const Tt*>(L.t) + n * L.t_ld,
+         L.grad ? static_cast<S*>(L.grad) + n * L.g_ld : nullptr);
+  const A rscale = reduction_scale<A>(L.params, count);
+  RowIO<A> io = row_io<A>(L, n, rscale);
   distill_row<kTopK>(ex, v, sh, L.params, io);
-  if (ex.leader()) {
-    static_cast<A*>(L.row_loss)[n] = static_cast<A>(L.params.loss_weight) * io.loss;
-    if (L.dtemp) static_cast<A*>(L.dtemp)[n] = rscale * io.dtemp;
-  }
+  if (ex.leader()) store_row(L, n, rscale, io);
 }
 
 //: the launch's rows take the two-pass plain-KD specialisation (kd_row_kd.h): a plain-KD spec whose s, t
@@ -53,23 +64,11 @@ KD_HD bool use_two_pass_kd(const KdLaunch& L) {
 template <class S, class Tt, class A, class Cvt, class Exec>
 KD_FN void run_block_row_kd(const Exec& ex, const KdLaunch& L, int64_t n, unsigned long long count) {
   const A rscale = reduction_scale<A>(L.params, count);
-  RowIO<A> io;
-  io.C = static_cast<int>(L.C);
-  io.has_labels = L.labels != nullptr;
-  io.label = io.has_labels ? L.labels[n * L.labels_stride] : 0;
-  io.T = L.temperature ? static_cast<const A*>(L.temperature)[n * L.temp_stride]
-                       : static_cast<A>(L.params.temperature);
-  io.want_grad = L.grad != nullptr;
-  io.want_dtemp = L.dtemp != nullptr;
-  io.grad_scale = row_factor<A>(L, n) * rscale;
-  io.loss = io.dtemp = A(0);
+  RowIO<A> io = row_io<A>(L, n, rscale);
   kd_two_pass_row<kKdVec<S, Tt>, Cvt>(ex, L.params, io, static_cast<const S*>(L.s) + n * L.s_ld,
                                         static_cast<const Tt*>(L.t) + n * L.t_ld,
                                         L.grad ? static_cast<S*>(L.grad) + n * L.g_ld : nullptr);
-  if (ex.leader()) {
-    static_cast<A*>(L.row_loss)[n] = static_cast<A>(L.params.loss_weight) * io.loss;
-    if (L.dtemp) static_cast<A*>(L.dtemp)[n] = rscale * io.dtemp;
-  }
+  if (ex.leader()) store_row(L, n, rscale, io);
 }
 
 //: the scalar of sum / batchmean over the row losses (each lane sums rows lane, lane + lanes, …, then

@@ -935,35 +935,30 @@ def _scale_rows_kernel(grad_ptr, factor_ptr, C, stride_g_row, stride_factor, BLO
 # -------------------------------------------------------------------------------------------------
 # launchers
 # -------------------------------------------------------------------------------------------------
-_block_c_override: Optional[int] = None
-_batch_block_override: Optional[int] = None
+#: test-only overrides of the launch configuration (``None``: the engine's own choice)
+_overrides: dict = {"block_c": None, "batch_block": None}
 
 
 @contextlib.contextmanager
-def forced_block_c(block_c: int):
-    """Force ``BLOCK_C`` (a power of two) so tests reach the streaming multi-block path at small C."""
-    global _block_c_override
-    if block_c & (block_c - 1):
-        raise ValueError("BLOCK_C must be a power of two")
-    old, _block_c_override = _block_c_override, block_c
+def _override(name: str, value: int, what: str):
+    if value & (value - 1):
+        raise ValueError(f"{what} must be a power of two")
+    old, _overrides[name] = _overrides[name], value
     try:
         yield
     finally:
-        _block_c_override = old
+        _overrides[name] = old
 
 
-@contextlib.contextmanager
+def forced_block_c(block_c: int):
+    """Force ``BLOCK_C`` (a power of two) so tests reach the streaming multi-block path at small C."""
+    return _override("block_c", block_c, "BLOCK_C")
+
+
 def forced_batch_block(rows: int):
     """Force the rows per step of the in-kernel batch loops (a power of two) so tests reach several
     steps with a few rows (the interpreter pays per program)."""
-    global _batch_block_override
-    if rows & (rows - 1):
-        raise ValueError("the batch block must be a power of two")
-    old, _batch_block_override = _batch_block_override, rows
-    try:
-        yield
-    finally:
-        _batch_block_override = old
+    return _override("batch_block", rows, "the batch block")
 
 
 def _next_pow2(n: int) -> int:
@@ -972,7 +967,7 @@ def _next_pow2(n: int) -> int:
 
 def block_config(C: int):
     """(BLOCK_C, SINGLE_BLOCK, num_warps) for a row of C columns."""
-    block = _block_c_override or min(_next_pow2(C), MAX_BLOCK_C)
+    block = _overrides["block_c"] or min(_next_pow2(C), MAX_BLOCK_C)
     block = max(block, 16)
     num_warps = 8 if block >= 2048 else 4 if block >= 512 else 2
     return block, block >= C, num_warps
@@ -1007,7 +1002,7 @@ def kernel_flags(p: dict, *, learnable: bool, has_labels: bool, temp_is_tensor: 
         NEED_SUMS=(write_grad and (standardize or use_dtkd)) or learnable,
         BLOCK_C=block, SINGLE_BLOCK=single,
         ACC=tl.float64 if dtype == torch.float64 else tl.float32, VEC=vec,
-        BATCH_BLOCK=_batch_block_override or BATCH_BLOCK,
+        BATCH_BLOCK=_overrides["batch_block"] or BATCH_BLOCK,
     )
 
 
