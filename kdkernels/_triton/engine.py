@@ -261,7 +261,7 @@ def _distill_row(ref, offs, y, bad, T, inv_T, g_row, g_scale, row_scale, params_
         loss_row += T * T * rel_loss
         # pair differences Δ/T beyond the accumulation dtype (|logits| ~ 1e38 in float32) make the
         # pair terms inf/NaN: that row is NaN (never a wrong finite number or a spurious inf)
-        rel_bad = (rel_loss != rel_loss) | (tl.abs(rel_loss) == float("inf"))
+        rel_bad = row_ok & ((rel_loss != rel_loss) | (tl.abs(rel_loss) == float("inf")))
         row_nan = row_nan | rel_bad
         row_ok = row_ok & (~rel_bad)
     tdl_w = tl.load(params_ptr + P_TDL_WEIGHT)
