@@ -17,6 +17,21 @@ codes and would inflate speedups; the reference stays a separate, clearly named 
   for the set, one for the rest — k(k−1)/2 + 2 softmaxes over the row.
 * ``topkd``, ``tsm-only`` [reconstructed from the paper's description]: the Top-K Scaling of the teacher
   with ``topk``/``scatter``, KD on the scaled teacher, and (``topkd``) the three cosine groups of TDL.
+
+The LLM family (temperature 1, the mean over the tokens whose label is not −100):
+
+* ``jsd``: TRL ``GKDTrainer.generalized_jsd_loss`` (β = 0.5) — two ``log_softmax``, the mixture
+  ``log m = logsumexp(stack([log q + log(1−β), log p + log β]))``, two ``kl_div(log_target=True)``,
+  labels masked by boolean indexing, ``batchmean`` = sum / valid tokens; no T² factor.
+* ``reverse_kl``: torchtune ``ReverseKLLoss`` — ``softmax``/``log_softmax`` in float32, ``−inf`` teacher
+  classes masked to 0, ``−Σ q·(log p − log q)`` per token, averaged over the valid tokens.
+* ``tvd`` [plain formula, no published fused code]: ``½·Σ|p − q|`` from two ``softmax``.
+* ``sparse_tail``: the Megatron-style stored top-K KL with a tail bucket — the student's ``log_softmax``
+  gathered at the ids, tails ``1 − Σp`` (teacher) and ``1 − Σq`` (student), forward KL over the K + 1
+  outcomes; ``topk_tail`` is the same after ``topk`` of the dense teacher's ``log_softmax``.
+* ``sparse_renorm``: the renormalised top-K KL of MaxText / NeMo-RL — ``log_softmax`` of the stored
+  log-probabilities and of the student logits gathered at the ids, forward KL over the K classes
+  (``sparse_renorm+ce``: plus ``F.cross_entropy``).
 """
 from __future__ import annotations
 
@@ -142,6 +157,94 @@ def topkd(s, t, y=None, k=5, T=T_DEFAULT):
     return kd(s, ts, None, T) + tdl.mean()
 
 
+# ---------------------------------------------------------------------------------------------
+# the LLM family
+# ---------------------------------------------------------------------------------------------
+IGNORE_INDEX = -100
+
+
+def _token_mean(per_token, labels):
+    """Mean over the tokens whose label is not IGNORE_INDEX (all tokens without labels)."""
+    if labels is None:
+        return per_token.sum() / per_token.shape[0]
+    mask = (labels != IGNORE_INDEX).to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum()
+
+
+def generalized_jsd(s, t, y=None, beta=0.5, temperature=1.0):
+    """TRL ``GKDTrainer.generalized_jsd_loss(student, teacher, labels, beta, temperature, "batchmean")``."""
+    student_log_probs = F.log_softmax(s / temperature, dim=-1)
+    teacher_log_probs = F.log_softmax(t / temperature, dim=-1)
+    beta_t = torch.tensor(beta, dtype=student_log_probs.dtype, device=s.device)
+    mixture_log_probs = torch.logsumexp(torch.stack([student_log_probs + torch.log(1 - beta_t),
+                                                     teacher_log_probs + torch.log(beta_t)]), dim=0)
+    kl_teacher = F.kl_div(mixture_log_probs, teacher_log_probs, reduction="none", log_target=True)
+    kl_student = F.kl_div(mixture_log_probs, student_log_probs, reduction="none", log_target=True)
+    jsd = beta_t * kl_teacher + (1 - beta_t) * kl_student
+    if y is not None:
+        mask = y != IGNORE_INDEX
+        return jsd[mask].sum() / mask.sum()
+    return jsd.sum() / jsd.size(0)
+
+
+def reverse_kl(s, t, y=None):
+    """torchtune ``ReverseKLLoss()(student_logits, teacher_logits, labels)`` (normalize=True)."""
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    student_prob = F.softmax(s, dim=-1, dtype=acc)
+    teacher_logprob = F.log_softmax(t, dim=-1, dtype=acc)
+    inf_mask = torch.isinf(t)
+    prod_probs = torch.masked_fill(student_prob * teacher_logprob, inf_mask, 0)
+    student_logprob = F.log_softmax(s, dim=-1, dtype=acc)
+    prod_probs = prod_probs - torch.masked_fill(student_prob * student_logprob, inf_mask, 0)
+    x = torch.sum(prod_probs, dim=-1).view(-1)
+    return _token_mean(-x, y)
+
+
+def tvd(s, t, y=None):
+    """Total variation ``½·Σ_c |p_c − q_c|`` per token from two softmaxes [plain formula]."""
+    per_token = 0.5 * (F.softmax(t, dim=-1) - F.softmax(s, dim=-1)).abs().sum(-1)
+    return _token_mean(per_token, y)
+
+
+def _tail_log(mass):
+    """``log(1 − mass)`` of the summed top-K probability ``mass`` (clamped at the smallest normal number, as
+    the published codes guard ``log 0``)."""
+    return torch.log((1 - mass).clamp(min=torch.finfo(mass.dtype).tiny))
+
+
+def sparse_tail_kl(s, teacher, y=None):
+    """Megatron-style forward KL over the K stored classes + one tail bucket (temperature 1):
+    ``Σ_k p_k·(log p_k − log q_k) + p_tail·(log p_tail − log q_tail)``, ``p_tail = 1 − Σp_k``,
+    ``q_tail = 1 − Σq_k``; ``teacher`` = ``(ids, logprobs, normalize)``."""
+    ids, logprobs = teacher[0], teacher[1]
+    student_logprobs = F.log_softmax(s, dim=-1).gather(-1, ids)
+    p_k = logprobs.exp()
+    p_top, q_top = p_k.sum(-1), student_logprobs.exp().sum(-1)
+    kl = (p_k * (logprobs - student_logprobs)).sum(-1) + (1 - p_top) * (_tail_log(p_top) - _tail_log(q_top))
+    return _token_mean(kl, y)
+
+
+def topk_tail(s, t, y=None, k=64):
+    """``sparse_tail_kl`` against the top-k of the dense teacher's ``log_softmax``."""
+    logprobs, ids = F.log_softmax(t, dim=-1).topk(k, dim=-1)
+    return sparse_tail_kl(s, (ids, logprobs), y)
+
+
+def sparse_renorm_kl(s, teacher, y=None, temperature=1.0):
+    """MaxText / NeMo-RL renormalised top-K KL: teacher and student ``log_softmax`` over the K stored ids,
+    ``T²·KL(p̂‖q̂)`` per token."""
+    ids, logprobs = teacher[0], teacher[1]
+    lp = F.log_softmax(logprobs / temperature, dim=-1)
+    lq = F.log_softmax(s.gather(-1, ids) / temperature, dim=-1)
+    kl = (lp.exp() * (lp - lq)).sum(-1) * temperature ** 2
+    return _token_mean(kl, y)
+
+
+def sparse_renorm_ce(s, teacher, y):
+    """``sparse_renorm_kl`` + ``F.cross_entropy(s, y)`` (the usual LM loss added to the KD term)."""
+    return sparse_renorm_kl(s, teacher, y) + F.cross_entropy(s, y, ignore_index=IGNORE_INDEX)
+
+
 #: preset name (benchmarks/presets.py) -> (eager published-arithmetic loss f(s, t, y), where it comes from)
 BASELINES = {
     "kd": (kd, "mdistiller kd_loss"),
@@ -153,4 +256,14 @@ BASELINES = {
     "ldrld": (ldrld, "yema-web/LDRLD selective_softmax_loss"),
     "topkd": (topkd, "TopKD paper description: TSM + KD + TDL [reconstructed]"),
     "tsm-only": (tsm_only, "TopKD paper description: TSM + KD [reconstructed]"),
+    "reverse_kl": (reverse_kl, "torchtune ReverseKLLoss"),
+    "jsd": (generalized_jsd, "TRL GKDTrainer.generalized_jsd_loss (beta 0.5)"),
+    "tvd": (tvd, "1/2 sum |p - q| from two softmaxes [plain formula]"),
+    "topk_tail": (topk_tail, "topk of the teacher log_softmax + Megatron-style tail KL (1 - sum p, 1 - sum q)"),
+    "sparse_renorm": (sparse_renorm_kl, "MaxText / NeMo-RL renormalised top-K KL (gather + 2 log_softmax)"),
+    "sparse_tail": (sparse_tail_kl, "Megatron-style top-K KL with a tail bucket (1 - sum p, 1 - sum q)"),
+    "sparse_renorm+ce": (sparse_renorm_ce, "renormalised top-K KL + F.cross_entropy"),
 }
+
+#: baselines whose teacher is a stored top-K (``ids``, ``logprobs``) rather than dense logits
+SPARSE_BASELINES = ("sparse_renorm", "sparse_tail", "sparse_renorm+ce")

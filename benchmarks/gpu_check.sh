@@ -7,8 +7,12 @@
 #   3. correctness spot checks: every timed configuration (kdk-triton, eager) against a float64 reference
 #      on the GPU, on the timed shapes (python -m benchmarks.run --suite headline --verify-only)
 #   4. do_bench timings of the headline shapes: ImageNet N = 1024/8192, C = 1000 fp32 and LLM N = 16k,
-#      V = 128k bf16 for kd, dkd, ldrld, topkd, dtkd — kdk-triton vs the eager published arithmetic,
-#      torch.compile of it (kd and dkd) and Liger (kd, when its wheel is carried)
+#      V = 128k bf16 for kd, dkd, ldrld, topkd, dtkd, then the LLM family at N = 16k V = 128k bf16
+#      (reverse_kl, jsd; the stored top-K teacher sparse_renorm/sparse_tail, K = 64) — kdk-triton vs the
+#      eager published arithmetic, torch.compile of it (kd and dkd) and Liger (kd, when its wheel is carried)
+#   4b. fused linear (kdk.fused_linear_distill, forward KL) at N = 16k, H = 4096, V = 128k bf16: every
+#      teacher form vs F.linear + kdk.logit_distill, eager F.linear + log_softmax + kl_div and Liger's
+#      fused linear JSD (beta 0), each verified (loss, dh, dW) against float64 first (--suite headline-linear)
 #   5. when ncu exists: DRAM bytes, L2 hit rate, achieved occupancy, instructions and registers of a few
 #      engine launches (python -m benchmarks.ncu_probe), to check the static figures of
 #      benchmarks/results/static/ against the hardware
@@ -101,10 +105,17 @@ step 120 "$PY -m benchmarks.run --suite headline --mode fwd+bwd --providers kdk-
 
 # --- 4. timings of the headline shapes --------------------------------------------------------------
 NCU_RESERVE=$(command -v ncu >/dev/null 2>&1 && echo 60 || echo 0)
-MIN=$(awk -v s="$(( $(left) - NCU_RESERVE - 25 ))" 'BEGIN { m = s / 60; if (m < 0.5) m = 0.5; printf "%.1f", m }')
-say "do_bench timings (--max-minutes $MIN)" 200
-step $(( $(left) - NCU_RESERVE )) "$PY -m benchmarks.run --suite headline --mode fwd+bwd --providers $PROVIDERS --compile-methods kd,dkd --max-minutes $MIN --out $DEST --quiet >$DEST/bench.log 2>&1; rc=\$?; tail -40 $DEST/bench.log; exit \$rc"
+LINEAR_RESERVE=${GPU_CHECK_LINEAR_SECONDS:-75}   # step 4b (fused linear) runs after it, in what is left
+MIN=$(awk -v s="$(( $(left) - NCU_RESERVE - LINEAR_RESERVE - 25 ))" 'BEGIN { m = s / 60; if (m < 0.5) m = 0.5; printf "%.1f", m }')
+say "do_bench timings (--max-minutes $MIN)" 170
+step $(( $(left) - NCU_RESERVE - LINEAR_RESERVE )) "$PY -m benchmarks.run --suite headline --mode fwd+bwd --providers $PROVIDERS --compile-methods kd,dkd --max-minutes $MIN --out $DEST --quiet >$DEST/bench.log 2>&1; rc=\$?; tail -40 $DEST/bench.log; exit \$rc"
 [ $DRY = 1 ] || note "timings: $(grep '^rows:' "$DEST/bench.log" | tail -1)"
+
+# --- 4b. fused linear: loss from hidden states (verified, then timed; rows written after every case) ---
+LMIN=$(awk -v s="$(( $(left) - NCU_RESERVE - 15 ))" 'BEGIN { m = s / 60; if (m < 0.3) m = 0.3; printf "%.1f", m }')
+say "fused linear do_bench timings (--max-minutes $LMIN)" 50
+step $(( $(left) - NCU_RESERVE )) "$PY -m benchmarks.run --suite headline-linear --mode fwd+bwd --max-minutes $LMIN --out $DEST --quiet >$DEST/bench-linear.log 2>&1; rc=\$?; tail -12 $DEST/bench-linear.log; exit \$rc"
+[ $DRY = 1 ] || note "fused linear: $(grep '^rows:' "$DEST/bench-linear.log" | tail -1)"
 
 # --- 5. ncu counters of a few launches ---------------------------------------------------------------
 if [ $DRY = 1 ] || command -v ncu >/dev/null 2>&1; then

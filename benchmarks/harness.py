@@ -15,8 +15,11 @@ from .timing import is_oom, measure, measure_interleaved, peak_extra_mib, sync
 from .verify import Reference, VerificationError, verify
 
 MODES = ("fwd", "fwd+bwd")
+#: exceptions of a provider that make a skipped row (the backend lacks the option or its kernel module),
+#: every other exception a failed one
+NOT_AVAILABLE = (NotImplementedError, ModuleNotFoundError)
 
-COLUMNS = ["suite", "method", "family", "N", "C", "dtype", "mode", "provider", "status", "reason",
+COLUMNS = ["suite", "method", "family", "N", "C", "K", "H", "dtype", "mode", "provider", "status", "reason",
            "time_ms", "p20_ms", "p80_ms", "first_call_ms", "bytes_min", "GBps", "pct_copy",
            "flops_min", "TFLOPs", "pct_matmul", "peak_extra_MiB", "loss_err", "grad_err", "verified"]
 
@@ -59,7 +62,7 @@ class Runner:
     # ------------------------------------------------------------------------------------------
     def _base(self, case, provider, mode):
         return {"suite": case.suite, "method": case.method, "family": case.family, "N": case.N, "C": case.C,
-                "dtype": case.dtype, "mode": mode, "provider": provider.name,
+                "K": case.K or None, "H": case.H or None, "dtype": case.dtype, "mode": mode, "provider": provider.name,
                 "bytes_min": min_bytes(case, mode), "flops_min": min_flops(case, mode) or None}
 
     def _emit(self, case, provider, mode, status, reason="", **fields):
@@ -94,13 +97,21 @@ class Runner:
                 self._emit(case, p, mode, status, reason)
                 bar.step(f"{case.label} {mode} {p.name}: {status}")
 
-    def _run_case(self, case, providers, bar):
+    def _out_of_budget(self, case, providers, bar) -> bool:
+        """Skip every row of ``case`` (and say so) when the time budget is spent or the case is too large."""
         if self.deadline is not None and time.monotonic() > self.deadline:
-            return self._skip_all(case, providers, bar, "skipped", f"time budget spent{self.budget_note}")
+            self._skip_all(case, providers, bar, "skipped", f"time budget spent{self.budget_note}")
+            return True
         if self.max_elements and case.elements > self.max_elements:
-            return self._skip_all(case, providers, bar, "skipped",
-                                  f"{case.elements} elements exceed the limit of {self.max_elements} on "
-                                  f"{self.device.type} (--max-elements)")
+            self._skip_all(case, providers, bar, "skipped",
+                           f"{case.elements} elements exceed the limit of {self.max_elements} on "
+                           f"{self.device.type} (--max-elements)")
+            return True
+        return False
+
+    def _run_case(self, case, providers, bar):
+        if self._out_of_budget(case, providers, bar):
+            return None
         failure = None
         try:
             s, t, y = make_inputs(case, self.device)
@@ -133,6 +144,8 @@ class Runner:
         if reason is None:
             try:
                 f = p.build(case, self.device)
+            except NotImplementedError as exc:
+                reason, status = "build: " + _short(exc), "skipped"
             except Exception as exc:  # noqa: BLE001
                 reason, status = "build: " + _short(exc), "failed"
         pending = []
@@ -167,6 +180,8 @@ class Runner:
     def _failure(exc):
         if is_oom(exc):
             return ("skipped", "out of memory: " + _short(exc, 120))
+        if isinstance(exc, NOT_AVAILABLE):  # a backend that does not (yet) implement the option: not a bug
+            return ("skipped", "not available in this backend: " + _short(exc))
         where = traceback.extract_tb(exc.__traceback__)[-1]
         return ("failed", f"{_short(exc)} [{where.filename.split('/')[-1]}:{where.lineno}]")
 

@@ -1,7 +1,8 @@
 """The static measurements of one preset, through the public API (``kdkernels.logit_distill``) only.
 
 * :func:`transfers` — HBM transfers per element per tensor of one fwd+bwd call (Triton interpreter,
-  unmasked lanes only), ``grad_output`` 1 and ≠ 1.
+  unmasked lanes only), ``grad_output`` 1 and ≠ 1. A sparse preset's teacher (ids + logprobs) is counted
+  in units of the student's ``[N, V]`` (bytes ÷ N·V·itemsize of s), and also per stored slot.
 * :func:`launches` — Triton launches, ATen ops that launch a device kernel, and every op dispatched, per
   fwd+bwd call, with and without labels, ``grad_output`` 1 and ≠ 1.
 * :func:`host_overhead` — µs per fwd+bwd call on a tiny input (``cpu`` backend) for every preset, its
@@ -27,8 +28,18 @@ from .presets import PRESETS, SHAPES, make_inputs
 
 #: grad_output of the "≠ 1" variants (a loss weight or a warm-up factor applied outside the loss)
 GRAD_OUTPUT_NOT_ONE = 0.5
-#: the tiny input of the launch and host measurements (C ≥ 2k + 1 for the top-k presets)
+#: the tiny input of the launch and host measurements (C ≥ 2k + 1 for the top-k presets; the LLM top-k
+#: presets widen it to their ``min_C``)
 TINY_N, TINY_C = 3, 64
+
+
+def tiny_C(preset: str) -> int:
+    return max(TINY_C, PRESETS[preset].min_C)
+
+
+def error_text(exc: BaseException) -> str:
+    """One line naming the exception (a table cell, not a traceback)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
 
 
 def _block(shape):
@@ -51,6 +62,7 @@ def transfers(preset: str, shape, dtype: torch.dtype, grad_output_not_one: bool 
     p, sh = PRESETS[preset], (SHAPES[shape] if isinstance(shape, str) else shape)
     spec = p.build()
     s, t, y = make_inputs(sh.interp_N, sh.interp_C, dtype, p.needs_labels, ignored_row=False)
+    t = p.teacher(t)
     out = {}
     variants = (("go1", 1.0), ("go", GRAD_OUTPUT_NOT_ONE)) if grad_output_not_one else (("go1", 1.0),)
     for key, go_value in variants:
@@ -60,21 +72,42 @@ def transfers(preset: str, shape, dtype: torch.dtype, grad_output_not_one: bool 
             g = _one_call(spec, x, t, y, go)
         el = sh.interp_N * sh.interp_C
         s_ld, s_st = log.bytes_of(x)
-        t_ld, _ = log.bytes_of(t)
         g_ld, g_st = log.bytes_of(g)
-        per = {"s": s_ld / (el * x.element_size()), "t": t_ld / (el * t.element_size()),
+        teacher = (t.ids, t.logprobs) if isinstance(t, kdk.SparseTeacher) else (t,)
+        t_ld = sum(log.bytes_of(part)[0] for part in teacher)
+        # a dense teacher in its own itemsize; a sparse one in units of the student's [N, V]
+        t_unit = el * (t.element_size() if len(teacher) == 1 else x.element_size())
+        per = {"s": s_ld / (el * x.element_size()), "t": t_ld / t_unit,
                "grad": g_st / (el * g.element_size()), "grad_loads": g_ld / (el * g.element_size()),
                "s_stores": s_st / (el * x.element_size())}
         per["total"] = sum(per.values())
-        other = log.other({x.data_ptr(), t.data_ptr(), g.data_ptr()})
+        if len(teacher) == 2:  # the teacher's reads per stored (id, logprob) slot, and the [N, V] part
+            slots = sum(part.numel() * part.element_size() for part in teacher)
+            per["teacher_reads_per_slot"] = t_ld / slots
+            per["student_side"] = per["total"] - per["t"]
+        other = log.other({x.data_ptr(), g.data_ptr(), *(part.data_ptr() for part in teacher)})
         per["other_bytes_per_row"] = sum(other.values()) / sh.interp_N
         per["other"] = {k: v / sh.interp_N for k, v in other.items()}
         per["launches"] = dict(log.launches)
         out[key] = per
-    res = dict(out["go1"])
+    res = dict(out["go1"], C_measured=sh.interp_C, streamed=sh.streamed)
+    if isinstance(t, kdk.SparseTeacher):
+        res["K"] = t.ids.shape[-1]
     res["total_go"] = out["go"]["total"] if "go" in out else None
     res["launches_go"] = out["go"]["launches"] if "go" in out else None
     return res
+
+
+def sparse_fit(a: dict, b: dict) -> dict:
+    """The student-side transfers of a sparse preset split as ``dense + per_slot·K/C`` from two
+    :func:`transfers` results of the same preset and dtype at different row lengths C (same K):
+    ``dense`` is the [N, V] part (the target: 1 for renorm without CE, ≤ 3 otherwise), ``per_slot`` the
+    student elements moved per stored slot (the gather at the ids, the scattered gradient), so that the
+    figure at a real vocabulary V is ``dense + per_slot·K/V``."""
+    ra, rb = a["K"] / a["C_measured"], b["K"] / b["C_measured"]
+    per_slot = (a["student_side"] - b["student_side"]) / (ra - rb)
+    return {"dense": a["student_side"] - per_slot * ra, "per_slot": per_slot,
+            "teacher_reads_per_slot": max(a["teacher_reads_per_slot"], b["teacher_reads_per_slot"])}
 
 
 _warm: set = set()
@@ -88,7 +121,8 @@ def launches(preset: str, labels: bool, grad_output: float) -> Optional[dict]:
     if p.needs_labels and not labels:
         return None
     spec = p.build()
-    s, t, y = make_inputs(TINY_N, TINY_C, torch.float32, labels)
+    s, t, y = make_inputs(TINY_N, tiny_C(preset), torch.float32, labels)
+    t = p.teacher(t)
     x = s.detach().clone().requires_grad_(True)
     go = torch.tensor(grad_output)
     if preset not in _warm:  # caches (packing, dispatch) warmed outside the count
@@ -109,7 +143,8 @@ def eager_ops(preset: str) -> dict:
     """ATen ops of one fwd+bwd call of the preset's published eager baseline (for comparison)."""
     p = PRESETS[preset]
     fn = baselines.BASELINES[preset][0]
-    s, t, y = make_inputs(TINY_N, TINY_C, torch.float32, True, ignored_row=False)
+    s, t, y = make_inputs(TINY_N, tiny_C(preset), torch.float32, True, ignored_row=False)
+    t = p.teacher(t)
     x = s.detach().clone().requires_grad_(True)
     go = torch.tensor(1.0)
     with OpCounter() as ops:
@@ -124,7 +159,9 @@ def host_overhead(presets=None, repeats: int = 21, calls: int = 30, threads: int
     Providers per preset: ``kdk-cpu`` (the fused C++ backend through the public API), ``eager`` (the
     published arithmetic, :mod:`benchmarks.baselines`) and ``reference`` (kdkernels' reference backend).
     Returns ``{'threads', 'input', 'eager_kd': stats, 'rows': {preset: {provider: stats + ratio}}}``;
-    ``ratio`` = median / median of the eager KD of the same run."""
+    ``ratio`` = median / median of the eager KD of the same run. The LLM top-k presets run on their wider
+    ``min_C`` rows (still against the eager KD at ``TINY_C``); a provider that raises on the first call
+    (an option its backend lacks) gets ``{'error': …}`` instead of a time."""
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -132,16 +169,30 @@ def host_overhead(presets=None, repeats: int = 21, calls: int = 30, threads: int
         s, t, y = make_inputs(TINY_N, TINY_C, torch.float32, True)
         fns["eager_kd"] = fwd_bwd(lambda x: baselines.kd(x, t), s)
         names = presets or list(PRESETS)
+        errors = {}
         for name in names:
             spec, p = PRESETS[name].build(), PRESETS[name]
-            yy = y if p.needs_labels else None
+            wide = tiny_C(name) != TINY_C
+            s_p, t_p, y_p = make_inputs(TINY_N, tiny_C(name), torch.float32, True) if wide else (s, t, y)
+            t_p = p.teacher(t_p)
+            yy = y_p if p.needs_labels else None
             base = baselines.BASELINES[name][0]
-            y_base = y.clamp(min=0) if yy is not None or name in ("topkd", "tsm-only") else None
-            fns[f"{name}|kdk-cpu"] = fwd_bwd(lambda x, spec=spec, yy=yy: kdk.logit_distill(x, t, yy, spec, backend="cpu"), s)
-            fns[f"{name}|eager"] = fwd_bwd(lambda x, base=base, yb=y_base: base(x, t, yb), s)
-            fns[f"{name}|reference"] = fwd_bwd(
-                lambda x, spec=spec, yy=yy: kdk.logit_distill(x, t, yy, spec, backend="reference"), s)
+            y_base = y_p.clamp(min=0) if yy is not None or name in ("topkd", "tsm-only") else None
+            candidates = {
+                "kdk-cpu": lambda x, spec=spec, yy=yy, t_p=t_p: kdk.logit_distill(x, t_p, yy, spec, backend="cpu"),
+                "eager": lambda x, base=base, yb=y_base, t_p=t_p: base(x, t_p, yb),
+                "reference": lambda x, spec=spec, yy=yy, t_p=t_p: kdk.logit_distill(x, t_p, yy, spec,
+                                                                                    backend="reference")}
+            for provider, loss in candidates.items():
+                call = fwd_bwd(loss, s_p)
+                try:
+                    call()
+                except Exception as exc:  # noqa: BLE001 - an option the backend lacks is a row, not a crash
+                    errors[f"{name}|{provider}"] = {"error": error_text(exc)}
+                    continue
+                fns[f"{name}|{provider}"] = call
         stats = host_times(fns, repeats=repeats, calls=calls)
+        stats.update(errors)
     finally:
         torch.set_num_threads(old_threads)
     ref = stats.pop("eager_kd")
@@ -149,8 +200,11 @@ def host_overhead(presets=None, repeats: int = 21, calls: int = 30, threads: int
     for key, st in stats.items():
         name, provider = key.split("|")
         st = {k: v for k, v in st.items() if k != "samples"}
-        st["ratio"] = st["us"] / ref["us"]
+        if "error" not in st:
+            st["ratio"] = st["us"] / ref["us"]
         rows.setdefault(name, {})[provider] = st
     ref = {k: v for k, v in ref.items() if k != "samples"}
-    return {"threads": threads, "input": f"N={TINY_N} C={TINY_C} fp32 (one ignored row where labelled)",
+    wide = sorted({tiny_C(n) for n in (presets or PRESETS)} - {TINY_C})
+    return {"threads": threads, "input": f"N={TINY_N} C={TINY_C} fp32 (one ignored row where labelled"
+                                         + (f"; the top-k presets C={'/'.join(map(str, wide))}" if wide else "") + ")",
             "repeats": repeats, "calls_per_repeat": calls, "eager_kd": ref, "rows": rows}

@@ -1,6 +1,6 @@
-"""PNG plots: per method and dtype, time and % of the copy bandwidth against N (or C) for every provider
-and mode. One colour per provider in every figure (``PROVIDER_COLOURS``), the shape, dtype and device in
-every title, error bars from the 20th–80th percentiles of the repeats. A method whose rows have a single
+"""PNG plots: per method (and sparse-teacher K) and dtype, time and % of the copy bandwidth against N (or C)
+for every provider and mode. One colour per provider in every figure (``PROVIDER_COLOURS``), the shape,
+dtype and device in every title, error bars from the 20th–80th percentiles of the repeats. A method whose rows have a single
 point (one shape) gets no plot: the table already says everything. matplotlib is optional: without it
 ``write_plots`` returns a note and writes nothing."""
 from __future__ import annotations
@@ -54,8 +54,11 @@ def write_plots(out_dir, stem, rows, device: str = ""):
         return [], f"plots skipped: matplotlib not importable ({type(exc).__name__})"
     ok = [r for r in rows if r["status"] == "ok"]
     paths, single = [], []
-    for method, dtype in sorted({(r["method"], r["dtype"]) for r in ok}):
-        sel = [r for r in ok if r["method"] == method and r["dtype"] == dtype]
+    for method, K, H, dtype in sorted({(r["method"], r.get("K") or 0, r.get("H") or 0, r["dtype"]) for r in ok}):
+        sel = [r for r in ok if r["method"] == method and (r.get("K") or 0) == K and (r.get("H") or 0) == H
+               and r["dtype"] == dtype]
+        method = f"{method}-K{K}" if K else method  # one figure per sparse teacher size (and hidden size)
+        method = f"{method}-H{H}" if H else method
         contrastive = sel[0]["family"] == "contrastive"
         n_vals, c_vals = {r["N"] for r in sel}, {r["C"] for r in sel}
         if len(n_vals) == 1 and len(c_vals) == 1:

@@ -2,6 +2,8 @@
 
 A preset is a :class:`kdkernels.LogitDistill` spec evaluated through the public entry point
 ``kdkernels.logit_distill`` — the same spec that ``kd_loss``/``dkd_loss``/… build with their defaults.
+A sparse preset (``sparse_renorm``, ``sparse_tail``, ``sparse_renorm+ce``) is given the stored top-K of
+the dense teacher (``kdk.SparseTeacher(ids, logprobs, normalize)``, K = 64) instead of its logits.
 A shape class is a row length the engine treats one way: rows of ≤ ``MAX_BLOCK_C`` columns kept in
 registers (single-block), longer rows streamed in blocks.
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 import kdkernels as kdk
 
@@ -27,6 +30,21 @@ REAL_BLOCK = 4096
 STANDIN_BLOCK = 16
 TEMPERATURE = 4.0
 TOPK = 5
+#: the LLM family (docs/divergences.md, docs/topk_teachers.md): temperature 1, TRL's default β, the dense
+#: top-k and the sparse teacher's K of the static presets
+LLM_TEMPERATURE = 1.0
+JSD_BETA = 0.5
+DENSE_TOPK = 64
+SPARSE_K = 64
+#: the narrowest row the top-k presets are measured on (k = 64 classes and a tail that is not empty)
+TOPK_MIN_C = 4 * DENSE_TOPK
+
+
+def sparse_teacher(t: torch.Tensor, K: int, normalize: str) -> kdk.SparseTeacher:
+    """A stored top-K teacher from dense teacher logits ``t``: its ``K`` largest log-probabilities
+    (float32, temperature 1) and their int64 ids, as a distillation data set stores them."""
+    logprobs, ids = F.log_softmax(t.float(), dim=-1).topk(K, dim=-1)
+    return kdk.SparseTeacher(ids.contiguous(), logprobs.contiguous(), normalize)
 
 
 @dataclass(frozen=True)
@@ -35,6 +53,10 @@ class Preset:
     spec: Callable[[], kdk.LogitDistill]
     #: the public function (with its defaults) that builds the same spec
     public: str
+    #: the normalisation of a sparse (top-K) teacher; None: dense teacher logits
+    sparse: Optional[str] = None
+    #: the narrowest row the preset is defined on (the tiny launch/host inputs are widened to it)
+    min_C: int = 0
 
     def build(self) -> kdk.LogitDistill:
         return self.spec()
@@ -42,6 +64,11 @@ class Preset:
     @property
     def needs_labels(self) -> bool:
         return self.build().needs_labels
+
+    def teacher(self, t: torch.Tensor):
+        """What the preset is given as its teacher: the dense logits ``t``, or their stored top-K
+        (:func:`sparse_teacher`, K = ``SPARSE_K``) for a sparse preset."""
+        return t if self.sparse is None else sparse_teacher(t, SPARSE_K, self.sparse)
 
 
 PRESETS = {p.name: p for p in [
@@ -65,7 +92,30 @@ PRESETS = {p.name: p for p in [
            "topkd_loss(s, t, y) (TSM + TDL)"),
     Preset("tsm-only", lambda: kdk.LogitDistill(temperature=TEMPERATURE, teacher_topk_scale=kdk.TopKScale(k=TOPK)),
            "topkd_loss(s, t, y, tdl_weight=0) (KD on the TSM-scaled teacher)"),
+    # --- the LLM family (issue 12): divergences, dense top-k with a tail, the sparse (stored top-K) teacher
+    Preset("reverse_kl", lambda: kdk.LogitDistill(temperature=LLM_TEMPERATURE, divergence="reverse_kl"),
+           "kd_loss(s, t, 1.0, divergence='reverse_kl') (torchtune ReverseKLLoss)"),
+    Preset("jsd", lambda: kdk.LogitDistill(temperature=LLM_TEMPERATURE, divergence=kdk.JSD(JSD_BETA)),
+           "kd_loss(s, t, 1.0, divergence=kdk.JSD(0.5)) (TRL generalized_jsd_loss)"),
+    Preset("tvd", lambda: kdk.LogitDistill(temperature=LLM_TEMPERATURE, divergence="tvd"),
+           "kd_loss(s, t, 1.0, divergence='tvd')"),
+    Preset("topk_tail", lambda: kdk.LogitDistill(temperature=LLM_TEMPERATURE,
+                                                 teacher_topk=kdk.TopK(DENSE_TOPK, "tail")),
+           "kd_loss(s, t, 1.0, teacher_topk=kdk.TopK(64, 'tail'))", min_C=TOPK_MIN_C),
+    Preset("sparse_renorm", lambda: kdk.LogitDistill(temperature=LLM_TEMPERATURE),
+           "kd_loss(s, kdk.SparseTeacher(ids, logprobs, 'renorm'), 1.0), K = 64", sparse="renorm", min_C=TOPK_MIN_C),
+    Preset("sparse_tail", lambda: kdk.LogitDistill(temperature=LLM_TEMPERATURE),
+           "kd_loss(s, kdk.SparseTeacher(ids, logprobs, 'tail'), 1.0), K = 64", sparse="tail", min_C=TOPK_MIN_C),
+    Preset("sparse_renorm+ce", lambda: kdk.LogitDistill(temperature=LLM_TEMPERATURE, ce_weight=1.0),
+           "kd_loss(s, kdk.SparseTeacher(ids, logprobs, 'renorm'), 1.0, labels=y, ce_weight=1.0), K = 64",
+           sparse="renorm", min_C=TOPK_MIN_C),
 ]}
+
+#: the presets of the LLM family (issue 12) and the sparse-teacher ones among them
+LLM_PRESETS = ("reverse_kl", "jsd", "tvd", "topk_tail", "sparse_renorm", "sparse_tail", "sparse_renorm+ce")
+SPARSE_PRESETS = tuple(name for name in LLM_PRESETS if PRESETS[name].sparse is not None)
+#: the presets before the LLM family (their budgets: tests/test_budgets.py)
+CLASSIC_PRESETS = tuple(name for name in PRESETS if name not in LLM_PRESETS)
 
 
 @dataclass(frozen=True)
@@ -102,6 +152,8 @@ SHAPES = {s.name: s for s in [
 
 #: the smallest streamed stand-in (4 blocks of 16 columns, one row): what CI's budget test runs
 STREAMED_SMALL = ShapeClass("streamed (4 blocks)", 4 * REAL_BLOCK, 4 * STANDIN_BLOCK, STANDIN_BLOCK, 1)
+#: the streamed stand-in of the top-k presets in CI (16 blocks of 16 columns: room for k = 64 and a tail)
+STREAMED_TOPK = ShapeClass("streamed (16 blocks)", 16 * REAL_BLOCK, 16 * STANDIN_BLOCK, STANDIN_BLOCK, 1)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from kdkernels import dispatch
+from kdkernels.spec import SparseTeacher
 
 from . import baselines
 from .methods import TEMPERATURE, loss_fn
@@ -59,14 +60,16 @@ def published_fn(method: str):
 
     def f(s, t, y):
         if s.dtype in (torch.float16, torch.bfloat16):
-            s, t = s.float(), t.float()
+            s = s.float()
+            t = t.float() if isinstance(t, torch.Tensor) else t  # a stored top-K teacher is float32 already
         return fn(s, t, y)
     return f
 
 
 class Eager(Provider):
     """The code users replace: the published arithmetic (mdistiller ``kd_loss``/``dkd_loss``, official
-    DTKD, LDRLD, TopKD as described), written plainly in :mod:`benchmarks.baselines`."""
+    DTKD, LDRLD, TopKD as described; TRL's generalised JSD, torchtune's reverse KL, the Megatron-style
+    tail and the MaxText/NeMo-RL renormalised top-K KL), written plainly in :mod:`benchmarks.baselines`."""
     name = "eager"
     description = "the published arithmetic in eager PyTorch (benchmarks/baselines.py; fp32 math for 16-bit inputs)"
 
@@ -91,7 +94,8 @@ class Compiled(Provider):
     the first call (compilation) is excluded from the time.
 
     The row dimension is marked dynamic (``maybe_mark_dynamic``), so the cases of a sweep over N at one
-    C reuse one compilation per mode; the column dimension stays static.
+    C reuse one compilation per mode; the column dimension stays static (a sparse teacher's K is dynamic
+    too: one compilation per mode for K = 64, 128, 256).
     """
     name = "compile"
     description = "torch.compile of the eager published arithmetic (compile time excluded; dynamic rows, static columns)"
@@ -120,12 +124,39 @@ class Compiled(Provider):
         fn = self._fn
 
         def call(s, t, y):
-            for x in (s, t, y):
+            teacher = (t.ids, t.logprobs) if isinstance(t, SparseTeacher) else (t,)
+            for x in (s, *teacher, y):
                 if x is not None and x.dim() > 0 and x.shape[0] > 1:
                     dynamo.maybe_mark_dynamic(x, 0)
+            if isinstance(t, SparseTeacher):  # one compilation for every K of a sweep
+                for x in teacher:
+                    dynamo.maybe_mark_dynamic(x, 1)
             return fn(s, t, y)
         return call
 
+
+
+def liger_class(name: str, modules):
+    """``(Liger-Kernel's class called name, None)`` from the first module that has it, else ``(None, why)``."""
+    err = None
+    for module in modules:
+        try:
+            return getattr(importlib.import_module(module), name), None
+        except Exception as exc:  # noqa: BLE001 - a reason, not a crash
+            err = f"liger_kernel not importable ({type(exc).__name__}: {exc})"
+    return None, err
+
+
+def liger_unavailable_reason(found, device) -> Optional[str]:
+    """Why a Liger-Kernel provider cannot run (``found``: what :func:`liger_class` returned), or None."""
+    cls, err = found
+    if cls is None:
+        return err
+    if device.type != "cuda":
+        return "Liger-Kernel runs Triton kernels on CUDA devices only"
+    if dispatch.interpreting():
+        return INTERPRET_REASON
+    return None
 
 class Liger(Provider):
     """Plain KD as ``log_softmax`` (float32, as autocast does) + Liger-Kernel's fused KL divergence."""
@@ -136,22 +167,10 @@ class Liger(Provider):
         return case.method == "kd"
 
     def _kl_class(self):
-        for module in ("liger_kernel.transformers.kl_div", "liger_kernel.transformers"):
-            try:
-                return getattr(importlib.import_module(module), "LigerKLDIVLoss"), None
-            except Exception as exc:  # noqa: BLE001 - a reason, not a crash
-                err = f"liger_kernel not importable ({type(exc).__name__}: {exc})"
-        return None, err
+        return liger_class("LigerKLDIVLoss", ("liger_kernel.transformers.kl_div", "liger_kernel.transformers"))
 
     def unavailable_reason(self, case, device):
-        cls, err = self._kl_class()
-        if cls is None:
-            return err
-        if device.type != "cuda":
-            return "Liger-Kernel runs Triton kernels on CUDA devices only"
-        if dispatch.interpreting():
-            return INTERPRET_REASON
-        return None
+        return liger_unavailable_reason(self._kl_class(), device)
 
     def build(self, case, device):
         cls, _ = self._kl_class()

@@ -8,7 +8,11 @@ import os
 from .harness import COLUMNS
 
 FORMULA = ("bytes_min: fwd = 2·N·C·itemsize (read s and t once); fwd+bwd = 3·N·C·itemsize "
-           "(read s and t once, write the gradient once); contrastive rows use M·D for N·C")
+           "(read s and t once, write the gradient once); contrastive rows use M·D for N·C; sparse-teacher "
+           "rows (K > 0): fwd = N·C·itemsize + N·K·12, fwd+bwd = 2·N·C·itemsize + N·K·12 (read s once, the "
+           "int64 ids and float32 logprobs once, write the gradient once); fused-linear rows (H > 0, C = V): "
+           "fwd = (N + V)·H·itemsize (read h and W) + N·K·12, fwd+bwd = twice the operands (+ write ∂h, ∂W), "
+           "flops_min = 2·N·V·H (fwd) / 6·N·V·H (fwd+bwd), the student's dense lm_head matmuls")
 COLUMN_NOTES = [
     ("time_ms", "median time of one call (CUDA: triton.testing.do_bench, warm-up excluded, L2 flushed; "
                 "CPU: wall-clock median after warm-up); p20_ms/p80_ms: its 20th/80th percentiles"),
@@ -18,7 +22,8 @@ COLUMN_NOTES = [
     ("GBps", "bytes_min / time_ms"),
     ("pct_copy", "GBps as % of the device-to-device copy bandwidth measured in the same run "
                  "(copy_ of a large buffer, bytes = 2 x size)"),
-    ("flops_min / TFLOPs / pct_matmul", "contrastive rows only: 2·M²·D (fwd) or 4·M²·D (fwd+bwd) FLOPs, the "
+    ("flops_min / TFLOPs / pct_matmul", "contrastive and fused-linear rows (linear: 2·N·V·H fwd, "
+                                        "6·N·V·H fwd+bwd, the student's lm_head matmuls); contrastive: 2·M²·D (fwd) or 4·M²·D (fwd+bwd) FLOPs, the "
                                         "rate, and % of an n×n×n matrix product measured in the same run"),
     ("peak_extra_MiB", "CUDA: peak memory allocated during one call above what was allocated before it "
                        "(inputs excluded); empty on CPU (not measured)"),
@@ -29,7 +34,7 @@ COLUMN_NOTES = [
                "or a result that differs from the reference), with the reason"),
 ]
 
-KEY = ("suite", "method", "N", "C", "dtype", "mode")
+KEY = ("suite", "method", "N", "C", "K", "H", "dtype", "mode")
 
 
 def add_speedups(rows) -> list:
@@ -37,13 +42,13 @@ def add_speedups(rows) -> list:
     times = {}
     for r in rows:
         if r["status"] == "ok":
-            times.setdefault(tuple(r[k] for k in KEY), {})[r["provider"]] = r["time_ms"]
+            times.setdefault(tuple(r.get(k) for k in KEY), {})[r["provider"]] = r["time_ms"]
     names = []
     for r in rows:
         if r["status"] == "ok" and r["provider"] not in names:
             names.append(r["provider"])
     for r in rows:
-        group = times.get(tuple(r[k] for k in KEY), {})
+        group = times.get(tuple(r.get(k) for k in KEY), {})
         for n in names:
             other = group.get(n)
             r[f"x_vs_{n}"] = other / r["time_ms"] if r["status"] == "ok" and other and n != r["provider"] else None
@@ -78,7 +83,11 @@ def write_csv(path, rows, prov, extra, title) -> None:
 
 
 def _shape(r):
-    return f"M={r['N']} D={r['C']}" if r["family"] == "contrastive" else f"N={r['N']} C={r['C']}"
+    if r["family"] == "contrastive":
+        return f"M={r['N']} D={r['C']}"
+    if r.get("H"):
+        return f"N={r['N']} H={r['H']} V={r['C']}" + (f" K={r['K']}" if r.get("K") else "")
+    return f"N={r['N']} C={r['C']}" + (f" K={r['K']}" if r.get("K") else "")
 
 
 def _note(r):
@@ -97,7 +106,7 @@ def table(rows, markdown=True, include_skipped=True):
     body = []
     for r in show:
         x = [_fmt(r.get(f"x_vs_{n}"), 3) for n in names]
-        if r["family"] == "contrastive" and r.get("TFLOPs"):
+        if r.get("TFLOPs"):
             mm = f", {r['pct_matmul']:.0f}% of matmul" if r.get("pct_matmul") is not None else ""
             gbps = f"{_fmt(r['GBps'], 3)} ({_fmt(r['TFLOPs'], 3)} TF/s{mm})"
         else:
@@ -136,7 +145,7 @@ def spread_warnings(rows) -> list:
         if r["status"] == "ok" and r.get("p80_ms") is not None and r["time_ms"]:
             spread = (r["p80_ms"] - r["p20_ms"]) / r["time_ms"]
             if spread > SPREAD_WARNING:
-                out.append(f"{r['method']} N={r['N']} C={r['C']} {r['dtype']} {r['mode']} {r['provider']}: spread "
+                out.append(f"{r['method']} {_shape(r)} {r['dtype']} {r['mode']} {r['provider']}: spread "
                            f"{100 * spread:.0f}% > {100 * SPREAD_WARNING:.0f}% — a busy machine; compare with care")
     return out
 

@@ -3,6 +3,7 @@ before it is timed.
 
     python -m benchmarks.run --suite quick            # `make demo`: a small sanity suite (< 2 min on CPU)
     python -m benchmarks.run --suite imagenet|llm|contrastive|all [--methods kd,dkd] [--providers ...]
+    python -m benchmarks.run --suite llm-linear        # kdk.fused_linear_distill from hidden states
         [--dtype bf16] [--mode fwd|fwd+bwd|both] [--out DIR] [--max-minutes 8]
 
 Writes ``<suite>.csv`` (provenance in ``#`` lines), ``<suite>.md`` and PNG plots to ``--out`` (default
@@ -19,11 +20,14 @@ import torch
 
 from . import env, plots, report
 from .harness import MODES, Runner
+from .linear import LinearRunner, linear_providers
 from .providers import all_providers, select
 from .shapes import DTYPES, METHODS, suite_cases
 from .timing import copy_bandwidth, matmul_tflops
 
-SUITES = ("quick", "imagenet", "llm", "contrastive", "headline", "all", "tiny")
+SUITES = ("quick", "imagenet", "llm", "contrastive", "headline", "all", "tiny", "llm-linear", "headline-linear")
+#: the fused-linear suites (benchmarks/linear.py: their own providers, inputs and float64 reference)
+LINEAR_SUITES = ("llm-linear", "headline-linear")
 QUICK_COMPILE_REASON = ("quick suite on CPU: torch.compile timed for kd only (inductor needs ~10 s per method "
                         "and mode on 2 cores); pass --compile-all")
 
@@ -44,7 +48,8 @@ def parse(argv=None):
     ap.add_argument("--suite", default="quick", choices=SUITES)
     ap.add_argument("--methods", help=f"comma list of {','.join(METHODS)} (default: the suite's)")
     ap.add_argument("--providers", help="comma list of kdk-triton,kdk-cuda,kdk-cpu,eager,compile,liger "
-                                        "(aliases: triton,cuda,cpu,reference,kdkernels; default: all)")
+                                        "(aliases: triton,cuda,cpu,reference,kdkernels; default: all); llm-linear: "
+                                        "kdk-fused-logits,kdk-fused-hidden,kdk-fused-sparse,kdk-unfused,eager,liger")
     ap.add_argument("--dtype", help=f"comma list of {','.join(DTYPES)} (default: the suite's)")
     ap.add_argument("--mode", default="both", choices=("fwd", "fwd+bwd", "both"))
     ap.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
@@ -96,7 +101,8 @@ def main(argv=None) -> int:
     if args.compile_methods:
         compile_only = tuple(_list(args.compile_methods, METHODS, "methods"))
         compile_reason = f"torch.compile timed for {args.compile_methods} only in this run (--compile-methods)"
-    providers = all_providers(compile_only, compile_reason)
+    linear = args.suite in LINEAR_SUITES
+    providers = linear_providers() if linear else all_providers(compile_only, compile_reason)
     try:
         providers = select(args.providers.split(",") if args.providers else None, providers)
     except ValueError as exc:
@@ -107,7 +113,7 @@ def main(argv=None) -> int:
     rep = args.rep_ms if args.rep_ms is not None else (50.0 if cpu and args.suite == "quick" else 100.0)
     bw = copy_bandwidth(device, int(args.copy_mib * 2 ** 20), warmup_ms=warmup, rep_ms=rep)
     mm = {}
-    for dt in sorted({c.dtype for c in cases if c.family == "contrastive"}):
+    for dt in sorted({c.dtype for c in cases if c.family in ("contrastive", "linear")}):
         mm[dt] = matmul_tflops(device, DTYPES[dt], warmup_ms=warmup, rep_ms=rep)
 
     prov = env.provenance(device)
@@ -123,7 +129,7 @@ def main(argv=None) -> int:
     title = f"kdkernels benchmark: {stem} on {prov['device']}"
 
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None
-    runner = Runner(providers, device, modes, warmup, rep, bw["copy_GBps"], mm, deadline,
+    runner = (LinearRunner if linear else Runner)(providers, device, modes, warmup, rep, bw["copy_GBps"], mm, deadline,
                     f" (--max-minutes {args.max_minutes})", progress=not args.quiet,
                     min_reps=3 if cpu and args.suite == "quick" else 5, max_elements=args.max_elements,
                     verify_only=args.verify_only)

@@ -15,6 +15,7 @@ import time
 import torch
 
 from .methods import loss_fn
+from .shapes import teacher_as, teacher_rows
 
 #: relative tolerance per input dtype, for the loss and the gradient
 TOLERANCE = {"fp64": 1e-9, "fp32": 1e-4, "fp16": 5e-3, "bf16": 1e-2}
@@ -45,7 +46,7 @@ class Reference:
 
     def _eval(self, a, b, want_grad):
         x = self.s[a:b].detach().to(torch.float64).requires_grad_(want_grad)
-        t = self.t[a:b].to(torch.float64)
+        t = teacher_as(teacher_rows(self.t, a, b), torch.float64)
         y = None if self.y is None else self.y[a:b]
         if self.case.family == "contrastive":
             loss = self.f(x, t, y)

@@ -25,6 +25,7 @@ KD_FN RowIO<A> row_io(const KdLaunch& L, int64_t n, A rscale) {
                        : static_cast<A>(L.params.temperature);
   io.want_grad = L.grad != nullptr;
   io.want_dtemp = L.dtemp != nullptr;
+  io.bad_teacher = false;  // (the block engine refuses sparse teachers: kd_torch_args.h)
   io.grad_scale = row_factor<A>(L, n) * rscale;
   io.loss = io.dtemp = A(0);
   return io;
@@ -44,7 +45,8 @@ KD_FN void run_block_row(const Exec& ex, RowShared<A>& sh, const KdLaunch& L, in
                          unsigned long long count) {
   StreamView<S, Tt, A, Cvt> v;
   v.init(static_cast<const S*>(L.s) + n * L.s_ld, static_cast<const Tt*>(L.t) + n * L.t_ld,
-         L.grad ? static_cast<S*>(L.grad) + n * L.g_ld : nullptr);
+         L.grad ? static_cast<S*>(L.grad) + n * L.g_ld : nullptr, static_cast<A>(L.params.softcap_s),
+         static_cast<A>(L.params.softcap_t));
   const A rscale = reduction_scale<A>(L.params, count);
   RowIO<A> io = row_io<A>(L, n, rscale);
   distill_row<kTopK>(ex, v, sh, L.params, io);

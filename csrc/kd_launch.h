@@ -32,8 +32,12 @@ struct KdLaunch {
   int64_t N, C;
   const void* s;          // [N, C], row stride s_ld, unit column stride
   int64_t s_ld;
-  const void* t;
+  const void* t;           // [N, C] teacher logits, or [N, K] log-probabilities of a sparse teacher
   int64_t t_ld;
+  const void* t_ids;       // sparse teacher (topk_mode 2): [N, K] int32 / int64 ids (row stride ids_ld,
+  int64_t ids_ld;          // unit column stride; < 0 padding), else nullptr
+  bool ids_i64;
+  int64_t K;
   void* grad;             // [N, C] of s_dtype or nullptr (no gradient wanted)
   int64_t g_ld;
   const int64_t* labels;  // [N] (stride labels_stride) or nullptr: no labels, no ignore mask

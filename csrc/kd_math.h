@@ -78,6 +78,10 @@ KD_HD float klog1p(float x) { return log1pf(x); }
 KD_HD double klog1p(double x) { return log1p(x); }
 KD_HD float ksqrt(float x) { return sqrtf(x); }
 KD_HD double ksqrt(double x) { return sqrt(x); }
+KD_HD float kexpm1(float x) { return expm1f(x); }
+KD_HD double kexpm1(double x) { return expm1(x); }
+KD_HD float ktanh(float x) { return tanhf(x); }
+KD_HD double ktanh(double x) { return tanh(x); }
 
 template <class A>
 KD_HD A kmax(A a, A b) { return a > b ? a : b; }
@@ -98,6 +102,30 @@ KD_HD A ksel_key(A x) { return x == x ? x : -kinf<A>(); }
 //: a finite shift for exp(z − M): M itself, or 0 when M is ±inf/NaN (an empty set gives exp(−inf) = 0)
 template <class A>
 KD_HD A kshift(A m) { return kfinite(m) ? m : A(0); }
+
+//: log(e^a + e^b), −inf where both are −inf (never NaN there)
+template <class A>
+KD_HD A klogaddexp(A a, A b) {
+  const A m = a > b ? a : b;
+  if (m == -kinf<A>()) return -kinf<A>();
+  return m + klog1p(kexp(-(a > b ? a - b : b - a)));
+}
+
+//: Gemma's softcap c·tanh(x/c) of a raw logit (c > 0); −inf stays −inf and +inf stays +inf (so a +inf
+//: input still poisons its row), NaN stays NaN
+template <class A>
+KD_HD A ksoftcap(A x, A cap) {
+  return (x == -kinf<A>() || x == kinf<A>()) ? x : cap * ktanh(x / cap);
+}
+
+//: d softcap(x)/dx = sech²(x/c) = 4e/(1 + e)² with e = exp(−2|x/c|) (accurate also where tanh saturates;
+//: 0 at ±inf)
+template <class A>
+KD_HD A ksoftcap_grad(A x, A cap) {
+  const A u = x / cap;
+  const A e = kexp(A(-2) * (u < A(0) ? -u : u));
+  return A(4) * e / ((A(1) + e) * (A(1) + e));
+}
 
 //: the selection order: key a at index i comes before key b at index j
 template <class A>

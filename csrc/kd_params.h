@@ -12,17 +12,26 @@
   X(temperature) X(kd_weight) X(ce_weight) X(tckd_weight) X(nckd_weight) X(max_weight)            \
   X(dtkd_weight) X(local_weight) X(rest_weight) X(rel_eps) X(rel_delta) X(rel_lambda)             \
   X(tdl_weight) X(tdl_pos) X(tdl_neg) X(tdl_non) X(tsm_scale) X(tsm_shift) X(tsm_gt_scale)             \
-  X(loss_weight)
+  X(loss_weight) X(div_param) X(softcap_s) X(softcap_t)
 
 #define KD_INT_FIELDS(X)                                                                         \
   X(ignore_index) X(standardize) X(use_tsm) X(tsm_k) X(use_decoupled) X(adaptive_tckd)            \
-  X(use_relation) X(rel_k) X(rank_by_teacher) X(use_tdl) X(tdl_k) X(reduction)
+  X(use_relation) X(rel_k) X(rank_by_teacher) X(use_tdl) X(tdl_k) X(reduction)                 \
+  X(divergence) X(topk_mode) X(topk_k) X(topk_norm)
 // clang-format on
 
 namespace kd {
 
 //: largest k of the in-kernel top-k (spec.MAX_TOPK)
 constexpr int kMaxTopK = 64;
+//: largest K of a sparse teacher (spec.MAX_SPARSE_K)
+constexpr int kMaxSparseK = 1024;
+//: the `divergence` int field (spec.DIVERGENCE_CODES)
+enum KdDivergence : int { kForwardKL = 0, kReverseKL = 1, kJSD = 2, kTVD = 3, kSkewKL = 4, kSkewRKL = 5 };
+//: the `topk_mode` int field (spec.TOPK_MODES): no top-k teacher, dense top-k masking, sparse teacher
+enum KdTopkMode : int { kTopkNone = 0, kTopkDense = 1, kTopkSparse = 2 };
+//: the `topk_norm` int field (spec.NORMALIZATION_CODES)
+enum KdTopkNorm : int { kNormRenorm = 0, kNormTail = 1, kNormTeacher = 2 };
 //: added to the standard deviation before dividing (reference.STD_EPS)
 constexpr double kStdEps = 1e-7;
 //: lower bound of |u|·|v| in TDL's cosine (reference.COS_EPS)

@@ -25,6 +25,18 @@
 //   LDRLD   rest: rest_w·T·(Q_R − P_R) on c ∉ I; local (sparse, on I; O(k²), in double): local_w·T/(k(k−1)/2 + 1)·
 //           [Σ_pairs w·∂BKL/∂d_s·(±1) + (Q_I − P_I)]; I = top-k of s̃ or t', ties to the lower index
 //   TDL     tdl_w·w_G·(−t'_c/den + [den not clamped]·(u·v)·s̃_c/(|u|²·den)) per group G ∋ c (finite entries)
+//   KD, generic divergence (rs.div: a divergence other than forward KL, or a top-k / sparse teacher;
+//           the KD and CE terms only, + Z / TSM without a top-k teacher): D(p‖q) = Σ_o d_o over the outcomes
+//           o, ∂(T²D)/∂s̃_c = T·(qg_c + extra_c − q_c·Σ_o qg_o) with qg_o = q_o·∂D/∂q_o (kd_terms.h
+//           divergence_terms, term_div). Outcomes: every class (no top-k); the support S (renorm: both
+//           renormalised on S; teacher: p̂ on S against the full log q); S plus one tail outcome (tail:
+//           log q_tail = LSE_{∉S}(s̃/T) − LSE(s̃/T) by masking, p_tail likewise for a dense teacher or
+//           1 − Σ exp(logprob) by expm1 for a sparse one; c ∉ S gets extra_c = q_c/q_tail·qg_tail). S is the
+//           teacher's top-k (P2, ties to the lower index) or a sparse teacher's valid ids (the CPU twin
+//           scatters the K slots into a −inf row and a membership row: exact masking; the CUDA engine
+//           refuses sparse teachers). A masked student class (−inf) gets no KD gradient.
+// Softcap (softcap_s / softcap_t > 0): x ← c·tanh(x/c) on the raw logits at the load (the View), before
+// everything else (CE included); the View's `write` multiplies the gradient by sech²(x/c).
 // then through Z (§3, finite entries only, n of them):  ∂/∂s = (g − ḡ)/σ' − (Σ g·s̃)·s̃/((n − 1)·σ)
 // (second term 0 when σ = 0), plus CE on the raw logits: ce_w·(softmax(s)_c − [c = y]).
 // Learnable temperature (KD term only, spec-enforced): ∂ℓ/∂T = kd_w·(2T·KL − [Σ(q − p)s̃ + Σ t'p(log p − log q − KL)]).
@@ -38,9 +50,11 @@
 //
 // Passes over the row (each `for c` below is one pass; Exec reduces the per-lane partials after it):
 //   P0 raw stats (Z's mean/extrema, then variance; CE's LSE) → Z      P1 TSM top-k + rest mean → t'
-//   P2 top-k selections (LDRLD set I, TDL Pos, then Neg)               P3 maxima, argmax s̃, TDL dot products,
-//                                                                         poison sum (then NaN / masked exits)
-//   P4 sums of exp for every LSE                                       P5 loss sums + bulk gradient (+ Σg, Σg·s̃)
+//   P2 top-k selections (LDRLD set I, TDL Pos, then Neg; the top-k      P3 maxima (also on S / off S), argmax s̃,
+//      teacher's support S)                                               TDL dot products, poison sum (then
+//                                                                         NaN / masked exits)
+//   P4 sums of exp for every LSE (then the tail outcome)                P5 loss sums + bulk gradient (+ Σg, Σg·s̃;
+//                                                                         the divergence's Σd, Σqg)
 //   P6 gradient written once: Z backward + CE, scaled by grad_scale.
 // The per-column math of P5/P6 lives in the term_* functions. Exec::kSplitTerms picks how P3–P6 loop:
 // fused (CUDA: one pass calls every term, the gradient is recomputed in P6 instead of stored) or split
@@ -84,7 +98,7 @@ KD_FN void block_topk(const Exec& ex, Key key, int C, int k, Sel<A>& out) {
 template <class Exec, class View, class A>
 KD_FN void fill_row(const Exec& ex, View& v, RowIO<A>& io, A fill) {
   if (io.want_grad)
-    for (int c = ex.lane(); c < io.C; c += ex.lanes()) v.write(c, fill);
+    for (int c = ex.lane(); c < io.C; c += ex.lanes()) v.fill(c, fill);
   io.loss = fill;
   io.dtemp = fill;
 }
@@ -194,10 +208,19 @@ KD_FN void p1_tsm(const Exec& ex, View& v, RowShared<A>& sh, const KdParams& P, 
   v.set_tsm(ex, sh, ty_col, ty_val);
 }
 
+//: c is in the support S of a top-k teacher (b = t'_c): the dense top-k of t' (topk_mode 1), or a sparse
+//: teacher's valid ids (topk_mode 2, from the View's membership; only the CPU twin's view carries one)
+template <class View, class A>
+KD_FN bool in_support(const View& v, const RowShared<A>& sh, const RowState<A>& rs, int c, A b) {
+  if (rs.mode == kTopkDense) return sh.topk.contains(b, c);
+  return rs.mode == kTopkSparse && v.member(c);
+}
+
 //: what P3 reduces: maxima, DTKD's argmax, TDL's dot products and the poison sum
 template <class A>
 struct RowMaxima {
-  A mx[6];     // max s̃, max t', max s̃ (c≠y), max t' (c≠y), max s̃ (c∉I), max t' (c∉I)
+  A mx[10];    // max s̃, max t', max s̃ (c≠y), max t' (c≠y), max s̃ (c∉I), max t' (c∉I),
+               // max s̃ (c∈S), max t' (c∈S), max s̃ (c∉S), max t' (c∉S)  (S: a top-k teacher's support)
   A dots[9];   // per TDL group (Pos, Neg, Non): u·v, |u|², |v|²
   A poison;    // Σ kpoison(s̃) + kpoison(t'): NaN iff the row holds a NaN or +inf
   A best_v;    // max s̃ and its first column (DTKD)
@@ -212,7 +235,7 @@ KD_FN RowMaxima<A> p3_maxima(const Exec& ex, View& v, const RowShared<A>& sh, co
   const A NEG = -kinf<A>();
   const int y = rs.y < 0 ? 0 : rs.y;
   RowMaxima<A> m;
-  for (int i = 0; i < 6; ++i) m.mx[i] = NEG;
+  for (int i = 0; i < 10; ++i) m.mx[i] = NEG;
   for (int i = 0; i < 9; ++i) m.dots[i] = A(0);
   m.best_v = NEG;
   m.best_i = INT_MAX;
@@ -263,6 +286,21 @@ KD_FN RowMaxima<A> p3_maxima(const Exec& ex, View& v, const RowShared<A>& sh, co
     }
     if (rs.tdl)
       for (int c = 0; c < C; ++c) p3_tdl(c, v.s(c), v.t(c));
+    if (rs.mode != kTopkNone) {
+      A m6 = NEG, m7 = NEG, m8 = NEG, m9 = NEG;
+      for (int c = 0; c < C; ++c) {
+        const A a = v.s(c), b = v.t(c);
+        const bool in = in_support(v, sh, rs, c, b);
+        m6 = kmax(m6, in ? a : NEG);
+        m7 = kmax(m7, in ? b : NEG);
+        m8 = kmax(m8, in ? NEG : a);
+        m9 = kmax(m9, in ? NEG : b);
+      }
+      m.mx[6] = m6;
+      m.mx[7] = m7;
+      m.mx[8] = m8;
+      m.mx[9] = m9;
+    }
   } else {
     for (int c = ex.lane(); c < C; c += ex.lanes()) {
       const A a = v.s(c), b = v.t(c);
@@ -279,12 +317,17 @@ KD_FN RowMaxima<A> p3_maxima(const Exec& ex, View& v, const RowShared<A>& sh, co
         m.mx[5] = kmax(m.mx[5], b);
       }
       if (rs.tdl) p3_tdl(c, a, b);
+      if (rs.mode != kTopkNone) {
+        const int o = in_support(v, sh, rs, c, b) ? 6 : 8;
+        m.mx[o] = kmax(m.mx[o], a);
+        m.mx[o + 1] = kmax(m.mx[o + 1], b);
+      }
     }
   }
   A chk[1] = {poison};
   ex.template reduce_sum<1>(chk);
   m.poison = chk[0];
-  ex.template reduce_max<6>(m.mx);
+  ex.template reduce_max<10>(m.mx);
   if (rs.dtkd) ex.reduce_best(m.best_v, m.best_i);
   if (rs.tdl) ex.template reduce_sum<9>(m.dots);
   return m;
@@ -297,7 +340,15 @@ KD_FN void p4_lse(const Exec& ex, View& v, const RowShared<A>& sh, RowState<A>& 
                   A (&se_full)[2]) {
   const int y = rs.y < 0 ? 0 : rs.y;
   const A iT = rs.iT, ms = rs.m_s, mt = rs.m_t;
-  A se[8] = {A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0)};
+  A se[12] = {A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0)};
+  //: a top-k teacher's LSEs on S and off S (exact masking): se[8..11] += the column's terms
+  auto support_sums = [&](A (&sums)[12], int c, A a, A b) {
+    const bool in = in_support(v, sh, rs, c, b);
+    sums[8] += in ? kexp((a - rs.m_sk) * iT) : A(0);
+    sums[9] += in ? kexp((b - rs.m_tk) * iT) : A(0);
+    sums[10] += in ? A(0) : kexp((a - rs.m_so) * iT);
+    sums[11] += in ? A(0) : kexp((b - rs.m_to) * iT);
+  };
   if constexpr (Exec::kSplitTerms) {  // one unit-stride loop per LSE pair
     if (rs.full) {
       A s0 = A(0), s1 = A(0);
@@ -352,6 +403,8 @@ KD_FN void p4_lse(const Exec& ex, View& v, const RowShared<A>& sh, RowState<A>& 
       se[6] = s6;
       se[7] = s7;
     }
+    if (rs.mode != kTopkNone)
+      for (int c = 0; c < C; ++c) support_sums(se, c, v.s(c), v.t(c));
   } else {
     for (int c = ex.lane(); c < C; c += ex.lanes()) {
       const A a = v.s(c), b = v.t(c);
@@ -371,9 +424,10 @@ KD_FN void p4_lse(const Exec& ex, View& v, const RowShared<A>& sh, RowState<A>& 
         se[6] += kexp((a - ms) * rs.iTs);
         se[7] += kexp((b - mt) * rs.iTt);
       }
+      if (rs.mode != kTopkNone) support_sums(se, c, a, b);
     }
   }
-  ex.template reduce_sum<8>(se);
+  ex.template reduce_sum<12>(se);
   se_full[0] = se[0];
   se_full[1] = se[1];
   rs.lse_s = klog(se[0]);
@@ -384,6 +438,32 @@ KD_FN void p4_lse(const Exec& ex, View& v, const RowShared<A>& sh, RowState<A>& 
   rs.lse_t_r = klog(se[5]);
   rs.lse_sd = klog(se[6]);
   rs.lse_td = klog(se[7]);
+  rs.lse_sk = klog(se[8]);
+  rs.lse_tk = klog(se[9]);
+  rs.lse_so = klog(se[10]);
+  rs.lse_to = klog(se[11]);
+}
+
+//: the tail outcome of a top-k teacher (topk_norm tail), after P4: the student's
+//: log q_tail = LSE_{c∉S}(s̃/T) − LSE(s̃/T) (masking, never 1 − Σq); the teacher's log p_tail likewise for
+//: a dense teacher, and log(max(0, −expm1(LSE_k logprob_k))) for a sparse one (at T = 1, −inf when 0);
+//: then its (d, qg)
+template <class A>
+KD_FN void set_tail(RowState<A>& rs) {
+  rs.d_tail = rs.qg_tail = A(0);
+  rs.lq_tail = rs.lp_tail = -kinf<A>();
+  if (!(rs.div && rs.mode != kTopkNone && rs.norm == kNormTail)) return;
+  rs.lq_tail = (rs.m_so - rs.m_s) * rs.iT + rs.lse_so - rs.lse_s;
+  if (rs.mode == kTopkSparse) {
+    const A mass = rs.m_t + rs.lse_t;  // LSE_k logprob_k (T = 1: lse_t is unscaled)
+    const A p_tail = mass == -kinf<A>() ? A(1) : kmax(A(0), -kexpm1(kmin(mass, A(0))));
+    rs.lp_tail = p_tail > A(0) ? klog(p_tail) : -kinf<A>();
+  } else {
+    rs.lp_tail = (rs.m_to - rs.m_t) * rs.iT + rs.lse_to - rs.lse_t;
+  }
+  const DivPair<A> t = divergence_terms(rs.dp, rs.lp_tail, rs.lq_tail, kexp(rs.lp_tail), kexp(rs.lq_tail));
+  rs.d_tail = t.d;
+  rs.qg_tail = t.qg;
 }
 
 //: the row constants of P3's maxima: LSE shifts, DTKD's temperatures (x ≤ 0 or v ≤ 0 → both τ) and
@@ -396,6 +476,14 @@ KD_FN void set_row_constants(RowState<A>& rs, const RowMaxima<A>& m) {
   rs.m_t_nt = kshift(m.mx[3]);
   rs.m_s_r = kshift(m.mx[4]);
   rs.m_t_r = kshift(m.mx[5]);
+  rs.m_sk = kshift(m.mx[6]);
+  rs.m_tk = kshift(m.mx[7]);
+  rs.m_so = kshift(m.mx[8]);
+  rs.m_to = kshift(m.mx[9]);
+  // renorm needs a finite teacher and student logit on S, teacher a finite teacher logit on S
+  const bool no_s = m.mx[6] == -kinf<A>(), no_t = m.mx[7] == -kinf<A>();
+  rs.kd_empty = rs.div && rs.mode != kTopkNone &&
+                ((rs.norm == kNormRenorm && (no_s || no_t)) || (rs.norm == kNormTeacher && no_t));
   if (rs.tdl) {
     for (int G = 0; G < 3; ++G) {
       const A raw = ksqrt(m.dots[3 * G + 1]) * ksqrt(m.dots[3 * G + 2]);
@@ -491,14 +579,18 @@ KD_FN A local_term(const Exec& ex, const View& v, RowShared<A>& sh, const RowSta
 
 //: P5 — reads s̃, t': the loss sums of every term and (CPU twin) the bulk gradient into the buffer, plus
 //: Σg and Σg·s̃ for Z's backward; returns them reduced in acc[kNumSums]
+//: (the generic-divergence KD term, rs.div: Σd, Σqg, then rs.qg_sum; the fused passes form Z's backward
+//: sums of its gradient from kQGL..kQA, since Σqg is only known after the reduction)
 template <class Exec, class View, class A>
-KD_FN void p5_sums(const Exec& ex, View& v, const RowShared<A>& sh, const RowState<A>& rs, const KdParams& P,
+KD_FN void p5_sums(const Exec& ex, View& v, const RowShared<A>& sh, RowState<A>& rs, const KdParams& P,
                    const RowIO<A>& io, int C, bool by_teacher, const A (&se_full)[2], A (&acc)[kNumSums]) {
   const A NEG = -kinf<A>();
   const bool stdz = P.standardize != 0;
   for (int i = 0; i < kNumSums; ++i) acc[i] = A(0);
   if constexpr (Exec::kSplitTerms) {  // one unit-stride loop per term, accumulating in the buffer
-    if (rs.full) {  // q and p come from P4's kept exps: KD needs no exp here, DKD only q̂ and p̂
+    if (rs.div) {
+      div_pass_split(P, rs, v, C, [&](int c, A b) { return in_support(v, sh, rs, c, b); }, acc);
+    } else if (rs.full) {  // q and p come from P4's kept exps: KD needs no exp here, DKD only q̂ and p̂
       const A rss = A(1) / se_full[0], rst = A(1) / se_full[1];
       // (∂ℓ/∂T covers the KD term only: a learnable T with other T-dependent terms is a spec error)
       if (!rs.kd) full_pass_split<false, true, false>(P, rs, v, C, rss, rst, acc);
@@ -531,11 +623,19 @@ KD_FN void p5_sums(const Exec& ex, View& v, const RowShared<A>& sh, const RowSta
   } else {
     for (int c = ex.lane(); c < C; c += ex.lanes()) {
       const A a = v.s(c), b = v.t(c);
-      const A g = elem_bulk<true>(P, rs, sh, c, a, b, acc);
+      const A g = elem_bulk<true>(P, rs, sh, c, a, b, in_support(v, sh, rs, c, b), acc);
       if (io.want_grad && stdz && a != NEG) { acc[kSG] += g; acc[kSGZ] += g * a; }
     }
   }
   ex.template reduce_sum<kNumSums>(acc);
+  if (!Exec::kSplitTerms && rs.div) {
+    finish_div(rs, acc);
+    if (io.want_grad && stdz) {  // Σ g and Σ g·s̃ of kd_w·T·(qg − q·Σqg) over the finite s̃ (no tail: no S)
+      const A w = A(P.kd_weight) * rs.T;
+      acc[kSG] += w * (acc[kQGL] - acc[kQL] * rs.qg_sum);
+      acc[kSGZ] += w * (acc[kQGA] - acc[kQA] * rs.qg_sum);
+    }
+  }
 }
 
 //: the row loss from P5's sums (term order as in the reference; KL values clamped at 0) and DTKD's
@@ -603,7 +703,7 @@ KD_FN void p6_write(const Exec& ex, View& v, const RowShared<A>& sh, const RowSt
   } else {
     for (int c = ex.lane(); c < C; c += ex.lanes()) {
       const A a = v.s(c), b = v.t(c);
-      A g = elem_bulk<false>(P, rs, sh, c, a, b, acc) + elem_sparse(P, rs, sh, c, a, b);
+      A g = elem_bulk<false>(P, rs, sh, c, a, b, in_support(v, sh, rs, c, b), acc) + elem_sparse(P, rs, sh, c, a, b);
       if (stdz) g = a != -kinf<A>() ? (g - gbar) / rs.sp_s - coef * a : A(0);
       if (ce) g += cw * (kexp(v.s_raw(c) - lse_raw) - (c == y ? A(1) : A(0)));
       v.write(c, g * scale);
@@ -612,7 +712,9 @@ KD_FN void p6_write(const Exec& ex, View& v, const RowShared<A>& sh, const RowSt
 }
 
 //: the spec selects a top-k somewhere (TSM, LDRLD's set, TDL's groups)
-KD_HD bool needs_topk(const KdParams& P) { return P.use_tsm != 0 || P.use_relation != 0 || P.use_tdl != 0; }
+KD_HD bool needs_topk(const KdParams& P) {
+  return P.use_tsm != 0 || P.use_relation != 0 || P.use_tdl != 0 || P.topk_mode == kTopkDense;
+}
 
 //: one row of the engine: the driver over the passes above (docs/README.md; the header comment of this file).
 //: kTopK = false compiles the engine without its top-k machinery (per-lane lists, merges, sparse columns)
@@ -624,6 +726,7 @@ KD_FN void distill_row(const Exec& ex, View& v, RowShared<A>& sh, const KdParams
   const bool ignored = io.has_labels && io.label == P.ignore_index;
   const bool bad = io.has_labels && !ignored && (io.label < 0 || io.label >= C);
   if (ignored || bad) return fill_row(ex, v, io, ignored ? A(0) : knan<A>());
+  if (io.bad_teacher) return fill_row(ex, v, io, knan<A>());  // a sparse teacher id outside [0, C)
 
   RowState<A> rs;
   rs.y = io.has_labels ? static_cast<int>(io.label) : -1;
@@ -637,6 +740,10 @@ KD_FN void distill_row(const Exec& ex, View& v, RowShared<A>& sh, const KdParams
   rs.tdl = kTopK && P.use_tdl != 0;
   rs.full = rs.kd || rs.dec;
   rs.want_dtemp = io.want_dtemp;
+  rs.div = rs.kd && (P.divergence != kForwardKL || P.topk_mode != kTopkNone);
+  rs.mode = static_cast<int>(P.topk_mode);
+  rs.norm = static_cast<int>(P.topk_norm);
+  rs.dp = {static_cast<int>(P.divergence), A(P.div_param), A(log(P.div_param)), A(log1p(-P.div_param))};
   const bool by_teacher = P.rank_by_teacher != 0;
 
   const RawStats<A> raw = p0_raw_stats(ex, v, rs, C, y, P.standardize != 0, P.ce_weight != 0);
@@ -652,13 +759,17 @@ KD_FN void distill_row(const Exec& ex, View& v, RowShared<A>& sh, const KdParams
       ex.topk([&](int c) { return v.t(c); }, C, k, sh.pos);
       ex.topk([&](int c) { const A b = v.t(c); return neg_key(sh.pos.contains(b, c), b); }, C, k, sh.neg);
     }
+    if (P.topk_mode == kTopkDense) ex.topk([&](int c) { return v.t(c); }, C, static_cast<int>(P.topk_k), sh.topk);
   }
   const RowMaxima<A> m = p3_maxima(ex, v, sh, rs, C, by_teacher);
   if (!(m.poison == A(0))) return fill_row(ex, v, io, knan<A>());        // a NaN or +inf in s̃ or t'
-  if (m.mx[0] == -kinf<A>() || m.mx[1] == -kinf<A>()) return fill_row(ex, v, io, A(0));  // fully masked
+  // fully masked (a sparse tail teacher with no finite slot is all tail mass: computed)
+  const bool teacher_optional = rs.mode == kTopkSparse && rs.norm == kNormTail;
+  if (m.mx[0] == -kinf<A>() || (m.mx[1] == -kinf<A>() && !teacher_optional)) return fill_row(ex, v, io, A(0));
   set_row_constants(rs, m);
   A se_full[2];
   p4_lse(ex, v, sh, rs, C, by_teacher, se_full);
+  set_tail(rs);
   set_decoupled(rs, v, P);
   const A local = rs.rel ? local_term(ex, v, sh, rs, P) : A(0);
   A acc[kNumSums];

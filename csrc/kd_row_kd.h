@@ -19,10 +19,11 @@
 
 namespace kd {
 
-//: the spec has only the terms of this specialisation (KD, CE, learnable T)
+//: the spec has only the terms of this specialisation (forward-KL KD, CE, learnable T; no softcap)
 KD_HD bool plain_kd(const KdParams& P) {
   return P.standardize == 0 && P.use_tsm == 0 && P.use_decoupled == 0 && P.dtkd_weight == 0 &&
-         P.use_relation == 0 && P.use_tdl == 0;
+         P.use_relation == 0 && P.use_tdl == 0 && P.divergence == kForwardKL && P.topk_mode == kTopkNone &&
+         P.softcap_s == 0 && P.softcap_t == 0;
 }
 
 //: V consecutive elements of X, loaded / stored as one (8- or 16-byte) access

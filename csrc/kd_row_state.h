@@ -40,12 +40,13 @@ struct Sel {
 };
 
 //: width of the per-warp reduction scratch (largest reduce_sum<N> below)
-constexpr int kRedWidth = 16;
+constexpr int kRedWidth = 20;
 
 //: row state every lane reads (CUDA: __shared__; CPU: a thread-local object)
 template <class A>
 struct RowShared {
   Sel<A> tsm, rel, pos, neg;
+  Sel<A> topk;                               // the support S of a dense top-k teacher (topk_mode 1)
   A tsm_val[kMaxTopK];                       // t' of the TSM members, by rank
   double rel_s[kMaxTopK], rel_t[kMaxTopK];   // s̃, t' of LDRLD's set I, by rank, in double (the local term's
                                              // arithmetic; scaled there by its own shift)
@@ -62,8 +63,17 @@ struct RowIO {
   bool has_labels;
   A T;               // temperature of this row
   bool want_grad, want_dtemp;
+  bool bad_teacher;  // a sparse teacher row holds an id ≥ C (the row is NaN unless ignored)
   A grad_scale;
   A loss, dtemp;     // outputs (every lane holds them)
+};
+
+//: the divergence of the KD term and its parameter w (β of jsd, α of skew_kl / skew_rkl) with log w,
+//: log(1 − w) (mixtures are taken in log space)
+template <class A>
+struct DivParam {
+  int code;
+  A w, log_w, log_1mw;
 };
 
 //: row constants, identical in every lane
@@ -72,6 +82,15 @@ struct RowState {
   int y;                     // label (−1: none)
   A T, iT, iTs, iTt;         // T and the reciprocals of T, T_s, T_t
   bool kd, dec, dtkd, rel, tdl, full, want_dtemp;
+  // the KD term by the generic divergence formula (a divergence other than forward KL, or a top-k
+  // teacher): D = Σ_o d_o over the outcomes o, ∂(T²D)/∂s̃_c = T·(qg_c + extra_c − q_c·Σ_o qg_o)
+  bool div, kd_empty;        // kd_empty: the support holds no finite teacher / student logit (KD term 0)
+  int mode, norm;            // topk_mode, topk_norm
+  DivParam<A> dp;
+  // support S (top-k / sparse ids) and its complement: shifts (max s̃, t' on S and off S) and shifted LSEs
+  A m_sk, m_tk, m_so, m_to, lse_sk, lse_tk, lse_so, lse_to;
+  // the tail outcome (topk_norm tail): log-probabilities and its (d, qg); Σ_o qg_o of the whole row
+  A lq_tail, lp_tail, d_tail, qg_tail, qg_sum;
   // standardisation of s (for the backward)
   A n_s, sd_s, sp_s;
   // shifts (row maxima of s̃, t' over: all classes, non-target, rest c ∉ I; 0 for an empty set) and the

@@ -74,6 +74,35 @@ KD_FN void rest_pass_split(const KdParams& P0, const RowState<A>& rs0, SelCut<A>
   acc[kKLR] = klr;
 }
 
+//: the row's Σ_o qg_o once P5's class sums are reduced: the tail outcome joins Σd and Σqg (every lane adds
+//: the same, after the reduction)
+template <class A>
+KD_FN void finish_div(RowState<A>& rs, A* acc) {
+  acc[kKL] += rs.d_tail;
+  rs.qg_sum = acc[kQG] + rs.qg_tail;
+}
+
+//: P5's generic-divergence KD loops of the split (CPU) passes: Σd and Σqg over the class outcomes, keeping
+//: q_c and qg_c + extra_c in the row buffers (the tail's qg is known from P4), then (Σqg known) the KD
+//: gradient kd_w·T·(qg + extra − q·Σqg) into the buffer (0 at a masked student class). `in_s(c, b)`: c ∈ S.
+template <class View, class A, class InSupport>
+KD_FN void div_pass_split(const KdParams& P, RowState<A>& rs, View& v, int C, InSupport in_s, A* acc) {
+  A kl = A(0), qg = A(0);
+  for (int c = 0; c < C; ++c) {
+    const A b = v.t(c);
+    const DivTerm<A> r = term_div(rs, v.s(c), b, in_s(c, b));
+    v.keep_div(c, r.q, r.qg + r.extra);
+    kl += r.d;
+    qg += r.qg;
+  }
+  acc[kKL] = kl;
+  acc[kQG] = qg;
+  finish_div(rs, acc);
+  const A w = A(P.kd_weight) * rs.T, sum = rs.qg_sum;
+  for (int c = 0; c < C; ++c)
+    v.store_bulk(c, v.s(c) != -kinf<A>() ? w * (v.kept_qg(c) - v.kept_q(c) * sum) : A(0));
+}
+
 //: P6 on a buffered row: Z backward, CE, scale — specialised on (standardize, ce) so it vectorises
 template <bool kStd, bool kCe, class View, class A>
 KD_FN void write_buffered(View& v, int C, int y, A gbar, A sp, A coef, A cw, A lse_raw, A scale) {

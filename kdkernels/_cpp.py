@@ -11,7 +11,10 @@ Both implement the launcher contract of :mod:`kdkernels.engine` (``contract = 2`
 * ``kdkernels::scale_rows_`` — ``grad[n] *= factor[n]``, skipping rows whose factor is exactly 1.0.
 
 The student and the teacher may have different floating dtypes (each is loaded in its own dtype; the
-CUDA engine pairs any of float32/float16/bfloat16, float64 only with float64).
+CUDA engine pairs any of float32/float16/bfloat16, float64 only with float64). The teacher may be a
+:class:`~kdkernels.spec.SparseTeacher` (its ``ids`` [N, K] int32/int64 go to the op's ``teacher_ids``, its
+``logprobs`` [N, K] take the place of ``t``): the CPU twin computes it; the CUDA fallback (and its
+simulator) raise for it.
 
 Their fake (meta) kernels are registered here, so the ops trace under ``torch.compile``; the C++ library
 points torch at this module (``set_python_module``) for them.
@@ -22,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from .spec import INT_FIELDS, REDUCTION_CODES, PackedSpec
+from .spec import INT_FIELDS, REDUCTION_CODES, PackedSpec, SparseTeacher
 
 try:
     from . import _C  # noqa: F401  (loading it registers the torch.ops.kdkernels.* ops)
@@ -41,7 +44,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 if _IMPORT_ERROR is None:
     @torch.library.register_fake("kdkernels::logit_distill_fwd")
-    def _logit_distill_fwd_fake(s, t, labels, temperature, fparams, iparams, grad, grad_factor, want_dtemp):
+    def _logit_distill_fwd_fake(s, t, labels, temperature, fparams, iparams, grad, grad_factor, want_dtemp,
+                                teacher_ids=None):
         N = s.shape[0]
         acc = _acc_dtype(s.dtype)
         per_row = iparams[_REDUCTION_SLOT] == REDUCTION_CODES["none"]
@@ -54,7 +58,7 @@ if _IMPORT_ERROR is None:
 
     @torch.library.register_fake("kdkernels::_logit_distill_fwd_sim")
     def _logit_distill_fwd_sim_fake(s, t, labels, temperature, fparams, iparams, grad, grad_factor, want_dtemp,
-                                    lanes):
+                                    lanes, teacher_ids=None):
         return _logit_distill_fwd_fake(s, t, labels, temperature, fparams, iparams, grad, grad_factor, want_dtemp)
 
 
@@ -97,7 +101,7 @@ class CppLauncher:
     def forward(self, s, t, labels, temperature, spec: PackedSpec, grad=None, grad_factor=None):
         """``(loss, dtemp)``: loss ``[N]`` (reduction none) or 0-dim; dtemp ``[N]`` or None."""
         loss, dtemp = torch.ops.kdkernels.logit_distill_fwd(*_op_args(s, t, labels, temperature, spec, grad,
-                                                                       grad_factor))
+                                                                       grad_factor), _teacher_ids(t))
         return loss, (dtemp if spec.learnable_temperature else None)
 
     def scale_(self, grad, factor):
@@ -106,9 +110,18 @@ class CppLauncher:
 
 
 def _op_args(s, t, labels, temperature, spec, grad, grad_factor):
-    """The op's arguments for the launcher contract's (``spec``: a PackedSpec or a LogitDistill)."""
+    """The op's arguments for the launcher contract's (``spec``: a PackedSpec or a LogitDistill; ``t``: dense
+    teacher logits or a SparseTeacher, whose ids become ``teacher_ids`` and its log-probabilities ``t``),
+    without the trailing ``teacher_ids`` (see :func:`_teacher_ids`)."""
     floats, ints = spec.pack()
+    if isinstance(t, SparseTeacher):
+        t = t.logprobs
     return s, t, labels, temperature, floats, ints, grad, grad_factor, spec.learnable_temperature
+
+
+def _teacher_ids(t):
+    """The op's ``teacher_ids``: a SparseTeacher's ids, else None."""
+    return t.ids if isinstance(t, SparseTeacher) else None
 
 
 class SimulatedCudaLauncher(CppLauncher):
@@ -122,7 +135,7 @@ class SimulatedCudaLauncher(CppLauncher):
 
     def forward(self, s, t, labels, temperature, spec: PackedSpec, grad=None, grad_factor=None):
         loss, dtemp = torch.ops.kdkernels._logit_distill_fwd_sim(
-            *_op_args(s, t, labels, temperature, spec, grad, grad_factor), self.lanes)
+            *_op_args(s, t, labels, temperature, spec, grad, grad_factor), self.lanes, _teacher_ids(t))
         return loss, (dtemp if spec.learnable_temperature else None)
 
 

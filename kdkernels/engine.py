@@ -9,7 +9,9 @@ Launcher contract — every fused backend (``_triton``, ``cuda``, ``cpu``) expos
     ``s``, ``t``: ``[N, C]`` with ``stride(1) == 1``, each of its own floating dtype (loaded as is,
     computed in the accumulation dtype: float64 for a float64 student, else float32); ``labels``:
     contiguous int64 ``[N]`` or None; ``temperature``: ``[N]`` (possibly stride 0) or None (then the
-    packed float). ``loss``: the *reduced* loss — ``[N]`` row losses × ``loss_weight`` for reduction
+    packed float); ``t`` may instead be a :class:`~kdkernels.spec.SparseTeacher` whose ``ids`` (int32 or
+    int64) and ``logprobs`` are 2-D ``[N, K]`` with unit column stride (the packed spec's ``topk_mode`` says
+    so). ``loss``: the *reduced* loss — ``[N]`` row losses × ``loss_weight`` for reduction
     ``none``, else a 0-dim tensor (``sum``; ``batchmean`` divides by the number of rows whose label is not
     ``ignore_index``, counted inside the launch). ``grad``: None or ``[N, C]`` of ``s.dtype`` (may alias
     ``s`` for ``inplace``) that receives ``grad_factor · ∂loss/∂s``; ``grad_factor``: None (= 1) or an
@@ -175,6 +177,8 @@ def check_inplace(s: torch.Tensor, t: torch.Tensor) -> None:
         raise ValueError("inplace=True needs student logits whose storage does not overlap itself "
                          "(an expanded/stride-0 or otherwise overlapping view would race); pass a dense "
                          "tensor or use inplace=False")
+    if isinstance(t, tuple):  # a SparseTeacher: its log-probabilities are what the gradient must not overwrite
+        t = t.logprobs
     if _overlaps(s, t):
         raise ValueError("inplace=True: the student logits share memory with the teacher logits; writing "
                          "the gradient would destroy the teacher. Use inplace=False")

@@ -16,8 +16,9 @@ from . import reference
 from .contrastive import info_nce
 from .dispatch import load_launcher, resolve, unavailable_reason
 from .engine import fused_logit_distill
-from .spec import Decoupled, LogitDistill, RankRelation, TopKDecoupled, TopKScale
-from .validation import check_logits, check_mode, check_values, flatten_labels, flatten_temperature
+from .spec import Decoupled, LogitDistill, RankRelation, SparseTeacher, TopKDecoupled, TopKScale
+from .validation import (check_logits, check_mode, check_sparse_values, check_values, flatten_labels,
+                         flatten_sparse, flatten_temperature)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -35,6 +36,8 @@ def logit_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     if not isinstance(spec, LogitDistill):
         raise TypeError(f"spec must be a kdkernels.LogitDistill, got {type(spec).__name__}")
     s, t = student_logits, teacher_logits
+    if isinstance(t, SparseTeacher):
+        return _sparse_distill(s, t, labels, spec, backend)
     check_logits(s, t, mixed_dtypes=True)
     C, lead = s.shape[-1], s.shape[:-1]
     N = math.prod(lead)
@@ -79,14 +82,55 @@ def logit_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return loss
 
 
-def packed(spec: LogitDistill):
-    """``spec.packed()``, computed once per spec object (host cost per call matters at C = 1000)."""
+def packed(spec: LogitDistill, sparse: Optional[tuple] = None):
+    """``spec.packed(sparse)``, computed once per spec object and sparse form (host cost per call matters
+    at C = 1000)."""
     if torch.compiler.is_compiling():
-        return spec.packed()
-    cached = spec.__dict__.get("_packed")
+        return spec.packed(sparse)
+    key = "_packed" if sparse is None else ("_packed", sparse)
+    cached = spec.__dict__.get(key)
     if cached is None:
-        cached = spec.__dict__["_packed"] = spec.packed()
+        cached = spec.__dict__[key] = spec.packed(sparse)
     return cached
+
+
+def _sparse_distill(s, teacher: SparseTeacher, labels, spec: LogitDistill, backend: str) -> torch.Tensor:
+    """:func:`logit_distill` against a sparse (top-K) teacher: the student ``[..., C]`` and the teacher's
+    ``ids``/``logprobs`` ``[..., K]`` (docs/topk_teachers.md). No dense teacher is ever built."""
+    check_logits(s, s)
+    C, lead = s.shape[-1], s.shape[:-1]
+    N = math.prod(lead)
+    ids, logprobs = flatten_sparse(teacher, lead, s.device)
+    spec.check_classes(C)
+    spec.check_sparse(teacher.normalize, ids.shape[-1])
+    if spec.softcap[1] != 0:
+        raise ValueError("softcap: a sparse teacher holds log-probabilities, not logits; cap the student only, "
+                         "e.g. softcap=(30.0, None)")
+    if spec.contrastive_weight != 0:
+        raise ValueError("the contrastive term needs dense teacher logits; a SparseTeacher cannot feed it")
+    labels = flatten_labels(labels, lead, s.device)
+    if labels is None and spec.needs_labels:
+        raise ValueError("this loss needs labels (ce_weight > 0)")
+    temperature = None
+    if isinstance(spec.temperature, torch.Tensor):
+        temperature = flatten_temperature(spec.temperature, lead, N, s.device)
+    s2d = s if s.dim() == 2 else s.reshape(N, C)
+    if s2d.stride(-1) != 1:
+        s2d = s2d.contiguous()
+    rows = SparseTeacher(ids, logprobs, teacher.normalize)
+    if check_mode(spec.check):
+        check_values(s2d, s2d.detach(), labels, C, spec.ignore_index, temperature)
+        check_sparse_values(ids, logprobs, C)
+    name = resolve(backend, s.device)
+    if name == "reference" or N == 0:
+        loss = reference.logit_distill(s2d, rows, labels, spec, temperature)
+    else:
+        launcher, _ = load_launcher("logit", name)
+        loss = fused_logit_distill(s2d, rows, labels, temperature, packed(spec, (teacher.normalize, ids.shape[-1])),
+                                   launcher)
+    if spec.reduction == "none" and len(lead) != 1:
+        return loss.reshape(lead)
+    return loss
 
 
 def _teacher_entropy(t2d, labels, spec: LogitDistill, temperature) -> torch.Tensor:
@@ -191,12 +235,20 @@ def _with_common_args(fn):
 @_with_common_args
 def kd_loss(logits_student, logits_teacher, temperature=4.0, *, labels=None, ignore_index=-100,
             reduction="batchmean", standardize=False, ce_weight=0.0, teacher_topk_scale=None,
+            divergence="forward_kl", teacher_topk=None, softcap=None,
             backend="auto", check=None, inplace=False, loss_weight=1.0):
     """Hinton KD: ``ℓ_n = T²·KL(softmax(t/T) ‖ softmax(s/T))`` [code: mdistiller ``kd_loss``].
 
     Equals mdistiller's ``kd_loss(logits_student, logits_teacher, temperature)`` (``batchmean``) and
     its gradient ``T·(q − p)/N``. ``temperature``: a positive float, a 0-dim tensor or a per-row tensor;
     a tensor with ``requires_grad=True`` is learnable (CTKD) and receives its exact gradient.
+
+    LLM options (docs/divergences.md, docs/topk_teachers.md): ``divergence`` — ``"forward_kl"``,
+    ``"reverse_kl"``, ``("jsd", β)``/``kdk.JSD(β)``, ``"tvd"``, ``("skew_kl", α)``, ``("skew_rkl", α)``
+    (the term is ``T²·D(p‖q)``); ``teacher_topk`` — ``kdk.TopK(k, normalize)`` masks the teacher to its
+    top-k; ``logits_teacher`` may be a ``kdk.SparseTeacher(ids, logprobs, normalize)`` (a stored top-K
+    teacher); ``softcap`` — ``c·tanh(x/c)`` on both logits first (a float, or a ``(student, teacher)``
+    pair with ``None`` for no cap).
 
     Example::
 
@@ -205,7 +257,8 @@ def kd_loss(logits_student, logits_teacher, temperature=4.0, *, labels=None, ign
         loss.backward()
     """
     spec = _spec(temperature, reduction, ignore_index, standardize, ce_weight, teacher_topk_scale,
-                 check, inplace, loss_weight, kd_weight=1.0)
+                 check, inplace, loss_weight, kd_weight=1.0, divergence=divergence, teacher_topk=teacher_topk,
+                 softcap=softcap)
     return logit_distill(logits_student, logits_teacher, labels, spec, backend=backend)
 
 

@@ -156,6 +156,13 @@ class KDLoss(_LogitLoss):
     Args:
         temperature (float | Tensor): T > 0; a 0-dim or per-row tensor is a buffer, a parameter when it
             requires grad (CTKD: learnable, receives ∂loss/∂T). Default 4.0.
+        divergence (str | tuple | Divergence): the KD term's ``D(p‖q)``: ``"forward_kl"`` (default),
+            ``"reverse_kl"``, ``("jsd", β)``, ``"tvd"``, ``("skew_kl", α)``, ``("skew_rkl", α)``
+            (docs/divergences.md); the loss is ``T²·D``.
+        teacher_topk (TopK | None): mask the teacher to its top-k, ``kdk.TopK(k, "renorm"|"tail"|"teacher")``
+            (docs/topk_teachers.md). ``forward`` also accepts a ``kdk.SparseTeacher`` as the teacher.
+        softcap (float | tuple | None): ``c·tanh(x/c)`` on the logits first (a ``(student, teacher)`` pair,
+            ``None`` for no cap).
 
     Example::
 
@@ -312,6 +319,35 @@ class LogitDistillLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"spec={self.spec!r}, backend={self.backend!r}"
+
+
+class FusedLinearDistillLoss(nn.Module):
+    """``forward(student_hidden, student_weight, teacher, labels=None, student_bias=None)`` →
+    :func:`kdkernels.fused_linear_distill` with this module's ``spec`` (default: forward KL at T = 1),
+    ``softcap``, ``chunk_size`` and ``backend``: the loss straight from hidden states, no ``[N, V]`` logits.
+
+    Example::
+
+        loss_fn = kdk.nn.FusedLinearDistillLoss(kdk.LogitDistill(temperature=1.0, ce_weight=1.0))
+        loss = loss_fn(hidden, lm_head.weight, kdk.TeacherHidden(t_hidden, t_lm_head.weight), labels)
+    """
+
+    def __init__(self, spec: Optional[LogitDistill] = None, *, softcap: Optional[float] = None,
+                 chunk_size: Optional[int] = None, backend: str = "auto"):
+        super().__init__()
+        if spec is not None and not isinstance(spec, LogitDistill):
+            raise TypeError(f"spec must be a kdkernels.LogitDistill, got {type(spec).__name__}")
+        self.spec = LogitDistill(temperature=1.0) if spec is None else spec
+        self.softcap, self.chunk_size, self.backend = softcap, chunk_size, backend
+
+    def forward(self, student_hidden, student_weight, teacher, labels=None, student_bias=None):
+        from .linear import fused_linear_distill
+        return fused_linear_distill(student_hidden, student_weight, teacher, labels, self.spec,
+                                    student_bias=student_bias, softcap=self.softcap, chunk_size=self.chunk_size,
+                                    backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"spec={self.spec!r}, softcap={self.softcap}, chunk_size={self.chunk_size}, backend={self.backend!r}"
 
 
 class InfoNCELoss(nn.Module):

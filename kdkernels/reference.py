@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .spec import LogitDistill, RankRelation, TopKDecoupled, TopKScale
+from .spec import Divergence, LogitDistill, RankRelation, SparseTeacher, TopKDecoupled, TopKScale
 
 #: added to the standard deviation before dividing (logit-standardization-KD's constant)
 STD_EPS = 1e-7
@@ -64,7 +64,7 @@ def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 def clamp_kl(kl: torch.Tensor) -> torch.Tensor:
     """A KL value clamped at 0 where rounding made it negative; the gradient stays the KL's."""
-    return kl + (kl.clamp(min=0) - kl).detach()
+    return torch.where(kl < 0, kl - kl.detach(), kl)  # (inf stays inf: no inf − inf)
 
 
 def scaled(x: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
@@ -219,6 +219,130 @@ def decoupled_rows(zs, zt, y):
 
 
 # ---------------------------------------------------------------------------------------------
+# LLM family: divergences, top-k teachers, softcap (docs/divergences.md, docs/topk_teachers.md)
+# ---------------------------------------------------------------------------------------------
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """Gemma's ``cap·tanh(x/cap)`` (``cap`` 0: identity). A masked class (−inf) stays masked (−inf)."""
+    if not cap:
+        return x
+    live = x != -math.inf
+    safe = torch.where(live, x, torch.zeros_like(x))
+    return torch.where(live, cap * torch.tanh(safe / cap), torch.full_like(x, -math.inf))
+
+
+def _logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """log(e^a + e^b) whose gradient stays finite where both are −inf (the result is −inf there)."""
+    both = (a == -math.inf) & (b == -math.inf)
+    zero = torch.zeros_like(a)
+    out = torch.logaddexp(torch.where(both, zero, a), torch.where(both, zero, b))
+    return torch.where(both, torch.full_like(a, -math.inf), out)
+
+
+def _xlogy_diff(w: torch.Tensor, la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
+    """``w·(la − lb)`` where ``w > 0``, else 0 (``0·log 0 = 0``; the difference is selected first, so
+    masked entries carry no NaN into the gradient)."""
+    live = w > 0
+    diff = torch.where(live, la - lb, torch.zeros_like(la))
+    return torch.where(live, w * diff, torch.zeros_like(w))
+
+
+def divergence_rows(lp: torch.Tensor, lq: torch.Tensor, div: Divergence) -> torch.Tensor:
+    """``D(p‖q)`` per row over the last dim (the outcomes), from log-probabilities, in log space
+    (docs/divergences.md): mixtures through ``log m = logaddexp(log β + log p, log(1−β) + log q)``."""
+    p, q = lp.exp(), lq.exp()
+    name, a = div.name, div.param
+    if name == "forward_kl":
+        terms = _xlogy_diff(p, lp, lq)
+    elif name == "reverse_kl":
+        terms = _xlogy_diff(q, lq, lp)
+    elif name == "jsd":
+        lm = _logaddexp(math.log(a) + lp, math.log1p(-a) + lq)
+        terms = a * _xlogy_diff(p, lp, lm) + (1.0 - a) * _xlogy_diff(q, lq, lm)
+    elif name == "tvd":
+        terms = 0.5 * (p - q).abs()
+    elif name == "skew_kl":
+        lm = _logaddexp(math.log(a) + lp, math.log1p(-a) + lq)
+        terms = _xlogy_diff(p, lp, lm)
+    elif name == "skew_rkl":
+        lm = _logaddexp(math.log(a) + lq, math.log1p(-a) + lp)
+        terms = _xlogy_diff(q, lq, lm)
+    else:  # pragma: no cover - Divergence validates its name
+        raise ValueError(name)
+    return terms.sum(-1)
+
+
+def _masked_lse(z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """LSE over the entries where ``keep`` (masking, never a subtraction of sums); −inf when none."""
+    return z.masked_fill(~keep, -math.inf).logsumexp(-1)
+
+
+def _log_softmax_safe(z: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the last dim; a row with no finite entry gives −inf everywhere (not NaN)."""
+    empty = (z == -math.inf).all(-1, keepdim=True)
+    out = torch.log_softmax(torch.where(empty, torch.zeros_like(z), z), -1)
+    return torch.where(empty, torch.full_like(z, -math.inf), out)
+
+
+def support_rows(zs: torch.Tensor, lse_s: torch.Tensor, zt_k: torch.Tensor, lp_k: torch.Tensor,
+                 zs_k: torch.Tensor, lp_tail: Optional[torch.Tensor], comp_s: Optional[torch.Tensor],
+                 normalize: str, div: Divergence) -> tuple:
+    """The KD term's ``D`` over a top-k support (docs/topk_teachers.md), per row, and whether the row is
+    empty on the support (then 0). ``zt_k``: the teacher's support logits at T for ``renorm``/``teacher``
+    (renormalised here) — ``lp_k``: its full log-probabilities for ``tail``; ``zs_k``: the student's
+    support logits at T; ``lse_s``: the student's full LSE at T; ``lp_tail``/``comp_s``: the teacher's
+    tail log-probability and the student's complement LSE (``tail``)."""
+    if normalize == "renorm":
+        lp, lq = _log_softmax_safe(zt_k), _log_softmax_safe(zs_k)
+        empty = (zt_k == -math.inf).all(-1) | (zs_k == -math.inf).all(-1)
+        return divergence_rows(lp, lq, div), empty
+    if normalize == "teacher":
+        lp = _log_softmax_safe(zt_k)
+        lq = zs_k - lse_s.unsqueeze(-1)
+        return _xlogy_diff(lp.exp(), lp, lq).sum(-1), (zt_k == -math.inf).all(-1)
+    lp = torch.cat([lp_k, lp_tail.unsqueeze(-1)], -1)
+    lq = torch.cat([zs_k - lse_s.unsqueeze(-1), (comp_s - lse_s).unsqueeze(-1)], -1)
+    return divergence_rows(lp, lq, div), torch.zeros_like(lse_s, dtype=torch.bool)
+
+
+def dense_kd_rows(zs: torch.Tensor, zt: torch.Tensor, spec: LogitDistill) -> tuple:
+    """(``D`` per row, empty rows) of the KD term on dense logits at T: the full softmaxes, or the
+    teacher's top-k support (``spec.teacher_topk``)."""
+    div = spec.divergence
+    if spec.teacher_topk is None:
+        empty = torch.zeros(zs.shape[0], dtype=torch.bool, device=zs.device)
+        return divergence_rows(torch.log_softmax(zt, -1), torch.log_softmax(zs, -1), div), empty
+    topk = spec.teacher_topk
+    idx = ranked(zt, topk.k)
+    in_k = torch.zeros_like(zt, dtype=torch.bool).scatter(1, idx, True)
+    lse_s, lse_t = zs.logsumexp(-1), zt.logsumexp(-1)
+    zt_k, zs_k = zt.gather(1, idx), zs.gather(1, idx)
+    lp_k = zt_k - lse_t.unsqueeze(-1)
+    return support_rows(zs, lse_s, zt_k, lp_k, zs_k, _masked_lse(zt, ~in_k) - lse_t, _masked_lse(zs, ~in_k),
+                        topk.normalize, div)
+
+
+def sparse_kd_rows(zs: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, T: torch.Tensor,
+                   normalize: str, div: Divergence) -> tuple:
+    """(``D`` per row, empty rows) of the KD term against a sparse teacher: ``ids`` [N, K] in range or
+    padding (< 0), ``logprobs`` [N, K] at temperature 1 (docs/topk_teachers.md)."""
+    valid = (ids >= 0) & (ids < zs.shape[-1])  # (an id ≥ C made its row NaN already: never read)
+    safe_ids = torch.where(valid, ids, torch.zeros_like(ids))
+    minus_inf = torch.full_like(logprobs, -math.inf)
+    lp_raw = torch.where(valid, logprobs, minus_inf)
+    zs_k = torch.where(valid, zs.gather(1, safe_ids), torch.full_like(zs[:, :1].expand_as(lp_raw), -math.inf))
+    lse_s = zs.logsumexp(-1)
+    if normalize == "tail":
+        in_k = torch.zeros_like(zs, dtype=torch.int32).scatter_add(1, safe_ids, valid.to(torch.int32)) > 0
+        mass = lp_raw.logsumexp(-1)
+        p_tail = (-torch.expm1(torch.where(mass == -math.inf, mass, mass.clamp(max=0.0)))).clamp(min=0.0)
+        lp_tail = torch.where(p_tail > 0, torch.log(torch.where(p_tail > 0, p_tail, torch.ones_like(p_tail))),
+                              torch.full_like(p_tail, -math.inf))
+        return support_rows(zs, lse_s, None, lp_raw, zs_k, lp_tail, _masked_lse(zs, ~in_k), normalize, div)
+    zt_k = scaled(lp_raw, T)
+    return support_rows(zs, lse_s, zt_k, None, zs_k, None, None, normalize, div)
+
+
+# ---------------------------------------------------------------------------------------------
 # the engine reference
 # ---------------------------------------------------------------------------------------------
 def label_masks(labels: Optional[torch.Tensor], N: int, C: int, ignore_index: int, device):
@@ -289,32 +413,64 @@ def logit_distill_rows(s: torch.Tensor, t: torch.Tensor, labels: Optional[torch.
     N, C = s.shape
     acc = acc_dtype(s.dtype)
     s_in = s.to(acc)
-    t_in = (t if teacher_grad else t.detach()).to(acc)
+    sparse = t if isinstance(t, SparseTeacher) else None
     valid, bad, y = label_masks(labels, N, C, spec.ignore_index, s.device)
-    live, nan_rows = row_classes(s_in, t_in, valid, bad)
+    if sparse is not None:  # padding slots hold nothing; an id outside [0, C) makes the row NaN
+        ids = sparse.ids.long()
+        t_in = torch.where(ids >= 0, sparse.logprobs.detach().to(acc), torch.full_like(ids, -math.inf, dtype=acc))
+        bad = bad | (valid & (ids >= C).any(-1))
+    else:
+        t_in = (t if teacher_grad else t.detach()).to(acc)
+    # the student columns the loss reads: all, except for a sparse teacher with "renorm" and no CE, whose loss
+    # depends on the K support columns only (a NaN elsewhere does not reach it: the fused kernels never read it)
+    seen = None
+    if sparse is not None and sparse.normalize == "renorm" and spec.ce_weight == 0:
+        seen = torch.zeros(N, C, dtype=torch.int32, device=s.device).scatter_add(
+            1, torch.where((ids >= 0) & (ids < C), ids, 0), ((ids >= 0) & (ids < C)).to(torch.int32)) > 0
+
+    def student_seen(x):
+        return x if seen is None else torch.where(seen, x, torch.full_like(x, -math.inf))
+
+    live, nan_rows = row_classes(student_seen(s_in), t_in, valid, bad)
+    if sparse is not None and sparse.normalize == "tail":  # a teacher with no finite slot is all tail mass
+        live = valid & ~nan_rows & ~(s_in == -math.inf).all(-1)
     if temperature is None:
         temperature = torch.full((N,), float(spec.temperature), dtype=acc, device=s.device)
     T = temperature.to(acc).reshape(N, 1)
     T2 = (T * T).squeeze(-1)
     # rows that are not computed are zeros from here on: nothing they hold reaches the arithmetic
     keep = live.unsqueeze(-1)
-    s_raw = torch.where(keep, s_in, torch.zeros_like(s_in))
-    s, t = s_raw, torch.where(keep, t_in, torch.zeros_like(t_in))
+    cap_s, cap_t = spec.softcap
+    s_raw = softcap(torch.where(keep, s_in, torch.zeros_like(s_in)), cap_s)
+    s, t = s_raw, softcap(torch.where(keep, t_in, torch.zeros_like(t_in)), cap_t)
 
     if spec.standardize:
         s = standardize(s)
-    t = teacher_transform(t, spec, y if labels is not None else None)
+    if sparse is None:
+        t = teacher_transform(t, spec, y if labels is not None else None)
     # a transform that overflowed (huge finite logits) leaves a NaN / +inf, and so does x/T where it
     # overflows the accumulation dtype: that row is NaN (never a finite wrong number; the fused backends
     # check their transformed row the same way, and compute x/T shifted by the row maximum, exactly)
-    overflow = ~torch.isfinite(s.detach().amax(-1) / T.detach().squeeze(-1)) | \
-        ~torch.isfinite(t.detach().amax(-1) / T.detach().squeeze(-1))
-    late = live & (poisoned(s.detach()) | poisoned(t.detach()) | overflow)
+    def overflows(x):  # the row maximum over T is NaN or +inf (−inf: a row with no finite entry, not an overflow)
+        v = x.detach().amax(-1) / T.detach().squeeze(-1)
+        return torch.isnan(v) | (v == math.inf)
+
+    s_seen = student_seen(s)
+    overflow = overflows(s_seen) | overflows(t)
+    late = live & (poisoned(s_seen.detach()) | poisoned(t.detach()) | overflow)
     nan_rows, live = nan_rows | late, live & ~late
 
     zs, zt = scaled(s, T), scaled(t, T)
     rows = torch.zeros(N, dtype=acc, device=s.device)
-    if spec.kd_weight != 0:
+    if spec.kd_weight != 0 and (sparse is not None or spec.teacher_topk is not None
+                                or spec.divergence.name != "forward_kl"):
+        if sparse is not None:
+            div_rows, empty = sparse_kd_rows(zs, ids, t, T, sparse.normalize, spec.divergence)
+        else:
+            div_rows, empty = dense_kd_rows(zs, zt, spec)
+        div_rows = torch.where(empty, torch.zeros_like(div_rows), div_rows)
+        rows = rows + spec.kd_weight * T2 * clamp_kl(div_rows)
+    elif spec.kd_weight != 0:
         rows = rows + spec.kd_weight * T2 * clamp_kl(kl_rows(torch.log_softmax(zt, -1), torch.log_softmax(zs, -1)))
         if spec.value == "cross_entropy":  # torchtune's number: KL + the teacher's entropy (same gradient)
             rows = rows + spec.kd_weight * T2 * entropy_rows(torch.log_softmax(zt, -1))

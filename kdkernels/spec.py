@@ -180,6 +180,141 @@ class TopKDecoupled:
             object.__setattr__(self, name, _finite(name, getattr(self, name)))
 
 
+#: the divergences of the KD term (docs/divergences.md), in the order of their kernel codes
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_rkl")
+DIVERGENCE_CODES = {name: i for i, name in enumerate(DIVERGENCES)}
+#: the divergences that take a parameter (β of jsd, α of the skew divergences) and its valid range
+_DIVERGENCE_PARAM = {"jsd": ("beta", 0.0, 1.0, True), "skew_kl": ("alpha", 0.0, 1.0, False),
+                     "skew_rkl": ("alpha", 0.0, 1.0, False)}
+#: the normalisations of a top-k teacher (docs/topk_teachers.md), in the order of their kernel codes
+NORMALIZATIONS = ("renorm", "tail", "teacher")
+NORMALIZATION_CODES = {name: i for i, name in enumerate(NORMALIZATIONS)}
+#: ``topk_mode`` as the kernels see it: no top-k teacher, dense masking of the teacher logits, sparse input
+TOPK_MODES = {"none": 0, "dense": 1, "sparse": 2}
+#: largest K of a sparse teacher (docs/topk_teachers.md)
+MAX_SPARSE_K = 1024
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """The divergence ``D(p‖q)`` of the KD term between teacher ``p`` and student ``q`` (docs/divergences.md).
+
+    ``name``: one of ``DIVERGENCES``; ``param``: β of ``"jsd"`` (``0 ≤ β ≤ 1``), α of ``"skew_kl"`` /
+    ``"skew_rkl"`` (``0 ≤ α < 1``), unused otherwise. As in TRL's ``generalized_jsd_loss``, ``jsd`` with
+    β = 0 *is* ``forward_kl`` and with β = 1 *is* ``reverse_kl`` (normalised at construction), and
+    ``skew_kl``/``skew_rkl`` with α = 0 are ``forward_kl``/``reverse_kl``.
+    Accepted wherever ``divergence=`` is: a ``Divergence``, a name, or a ``(name, param)`` tuple.
+    """
+
+    name: str = "forward_kl"
+    param: float = 0.0
+
+    def __post_init__(self):
+        if self.name not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {DIVERGENCES} (or (name, param)), got {self.name!r}")
+        param = _finite("divergence parameter", self.param)
+        if self.name in _DIVERGENCE_PARAM:
+            what, lo, hi, hi_ok = _DIVERGENCE_PARAM[self.name]
+            if not (lo <= param <= hi if hi_ok else lo <= param < hi):
+                raise ValueError(f"{self.name}: {what} must be in [{lo}, {hi}{']' if hi_ok else ')'}, got {param}")
+        else:
+            param = 0.0
+        name = self.name
+        if (name == "jsd" and param == 0.0) or (name == "skew_kl" and param == 0.0):
+            name, param = "forward_kl", 0.0
+        elif (name == "jsd" and param == 1.0) or (name == "skew_rkl" and param == 0.0):
+            name, param = "reverse_kl", 0.0
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "param", param)
+
+    @property
+    def code(self) -> int:
+        return DIVERGENCE_CODES[self.name]
+
+    @classmethod
+    def coerce(cls, value) -> "Divergence":
+        if value is None:
+            return cls()
+        if isinstance(value, Divergence):
+            return value
+        if isinstance(value, str):
+            if value in _DIVERGENCE_PARAM:
+                what = _DIVERGENCE_PARAM[value][0]
+                raise ValueError(f"divergence {value!r} needs its {what}: pass ({value!r}, {what}) or "
+                                 f"kdkernels.{'JSD' if value == 'jsd' else 'Divergence'}(...)")
+            return cls(value)
+        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str):
+            return cls(value[0], value[1])
+        raise TypeError("divergence must be a name, a (name, param) tuple or a kdkernels.Divergence, got "
+                        f"{type(value).__name__}")
+
+
+def JSD(beta: float = 0.5) -> Divergence:
+    """TRL's generalised Jensen–Shannon divergence ``β·KL(p‖m) + (1−β)·KL(q‖m)``, ``m = β·p + (1−β)·q``."""
+    return Divergence("jsd", beta)
+
+
+def SkewKL(alpha: float = 0.1) -> Divergence:
+    """DistiLLM's skew KL ``KL(p ‖ α·p + (1−α)·q)``."""
+    return Divergence("skew_kl", alpha)
+
+
+def SkewRKL(alpha: float = 0.1) -> Divergence:
+    """DistiLLM's skew reverse KL ``KL(q ‖ α·q + (1−α)·p)``."""
+    return Divergence("skew_rkl", alpha)
+
+
+@dataclass(frozen=True)
+class TopK:
+    """A dense teacher masked to its ``k`` largest logits per row (ties to the lower index), with one of
+    the three normalisations of docs/topk_teachers.md: ``"renorm"`` (teacher and student renormalised
+    over the k classes), ``"tail"`` (the k classes plus one tail outcome holding the rest of the mass),
+    ``"teacher"`` (teacher renormalised, student keeps its full-vocabulary log-probabilities; forward KL
+    only). Needs ``1 ≤ k ≤ min(64, C − 1)``."""
+
+    k: int
+    normalize: str = "renorm"
+
+    def __post_init__(self):
+        _int_in("TopK.k", self.k, 1, MAX_TOPK)
+        _normalization(self.normalize)
+
+
+def _normalization(value) -> str:
+    if value not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {value!r}")
+    return value
+
+
+class SparseTeacher(NamedTuple):
+    """A stored top-K teacher given instead of teacher logits (docs/topk_teachers.md).
+
+    ``ids``: integer ``[..., K]`` class ids (int64, int32, int16 or uint16; slots with ``id < 0`` are
+    padding; ids of a row must be distinct); ``logprobs``: float ``[..., K]`` the teacher's
+    log-probabilities at temperature 1 over the full vocabulary at those ids (``-inf`` allowed);
+    leading dims as the student's; ``K ≤ 1024``. ``normalize``: ``"renorm"`` (default), ``"tail"``
+    (needs temperature 1) or ``"teacher"`` (forward KL only). The fused kernels read the student row
+    and the K teacher values, never a dense ``[N, V]`` teacher.
+    """
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    normalize: str = "renorm"
+
+
+def coerce_softcap(value) -> tuple:
+    """``softcap=`` → ``(student cap, teacher cap)`` floats, 0.0 meaning none: ``None``, a positive
+    float (both), or a pair whose entries are a positive float or ``None``."""
+    if value is None:
+        return (0.0, 0.0)
+    if isinstance(value, tuple):
+        if len(value) != 2:
+            raise ValueError("softcap must be None, a positive float, or a (student, teacher) pair")
+        return tuple(0.0 if v is None or v == 0.0 else positive("softcap", v) for v in value)  # (0.0: none)
+    cap = positive("softcap", value)
+    return (cap, cap)
+
+
 Temperature = Union[float, torch.Tensor]
 
 
@@ -214,6 +349,9 @@ class LogitDistill:
     inplace: bool = False
     loss_weight: float = 1.0
     value: str = "kl"
+    divergence: Union[str, tuple, Divergence] = "forward_kl"  # a Divergence after construction
+    teacher_topk: Optional[TopK] = None
+    softcap: Union[None, float, tuple] = None
 
     def __post_init__(self):
         T = self.temperature
@@ -230,7 +368,12 @@ class LogitDistill:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError("ignore_index must be an int")
+        object.__setattr__(self, "divergence", Divergence.coerce(self.divergence))
+        if self.teacher_topk is not None and not isinstance(self.teacher_topk, TopK):
+            raise TypeError("teacher_topk must be None or a kdkernels.TopK(k, normalize)")
+        object.__setattr__(self, "softcap", coerce_softcap(self.softcap))
         self._check_value()
+        self._check_llm_terms()
         if self.learnable_temperature and self.temperature_terms - {"kd"}:
             raise ValueError(
                 "a learnable temperature (tensor with requires_grad) is supported with the KD term "
@@ -248,6 +391,49 @@ class LogitDistill:
         if self.learnable_temperature:  # T²·H(p_T) depends on T: its gradient would differ from the KL's
             raise ValueError("value='cross_entropy' is a logging convention and is not supported with a "
                              "learnable temperature (use value='kl')")
+
+    def _check_llm_terms(self, support: Optional[str] = None) -> None:
+        """§10–§11 combinations: a non-default divergence or a top-k teacher applies to the KD term only.
+        ``support``: the normalisation of a sparse teacher when one is given (checked by the API)."""
+        div = self.divergence.name
+        topk = support is not None or self.teacher_topk is not None
+        published = sorted(self.temperature_terms - {"kd"} | ({"tdl"} if self.tdl is not None else set()))
+        if div != "forward_kl" and published:
+            raise ValueError(f"divergence={div!r} applies to the KD term; {published} keep their published KL "
+                             "(use divergence='forward_kl' with them)")
+        if topk:
+            others = published + [name for name, on in (("standardize", self.standardize),
+                                                         ("teacher_topk_scale", self.teacher_topk_scale))
+                                  if on]
+            what = "a sparse teacher" if support is not None else "teacher_topk"
+            if others:
+                raise ValueError(f"{what} combines with ce_weight and divergence only, not with {others}")
+            if self.value != "kl":
+                raise ValueError(f"value='cross_entropy' is not defined with {what} (use value='kl')")
+            norm = support if support is not None else self.teacher_topk.normalize
+            if norm == "teacher" and div != "forward_kl":
+                raise ValueError("normalize='teacher' keeps the student's full-vocabulary log-probabilities, so "
+                                 f"only divergence='forward_kl' is defined; got {div!r}")
+        if self.learnable_temperature and (div != "forward_kl" or topk):
+            raise ValueError("a learnable temperature is supported with the plain forward-KL KD term only "
+                             f"(divergence={div!r}{', a top-k teacher' if topk else ''})")
+        if self.value != "kl" and div != "forward_kl":
+            raise ValueError("value='cross_entropy' is the forward KL's soft cross-entropy; use value='kl' with "
+                             f"divergence={div!r}")
+
+    def check_sparse(self, normalize: str, K: int) -> None:
+        """The spec's combinations with a sparse teacher of ``K`` slots (raised at the API boundary)."""
+        _normalization(normalize)
+        _int_in("SparseTeacher K (the ids' last dim)", K, 1, MAX_SPARSE_K)
+        if self.teacher_topk is not None:
+            raise ValueError("teacher_topk selects classes of dense teacher logits; a SparseTeacher already is "
+                             "a top-K teacher (leave teacher_topk=None)")
+        self._check_llm_terms(support=normalize)
+        if normalize == "tail":
+            T = self.temperature
+            if isinstance(T, torch.Tensor) or T != 1.0:
+                raise ValueError("a sparse teacher's tail mass is only defined at the temperature its "
+                                 "log-probabilities were stored at: normalize='tail' needs temperature=1.0")
 
     # ---- derived facts (what the backends specialise on) -------------------------------------
     @property
@@ -285,14 +471,18 @@ class LogitDistill:
         if self.relation is not None and not 2 <= self.relation.k <= C - 1:
             raise ValueError(f"ldrld k must be in [2, C - 1] = [2, {C - 1}], got {self.relation.k}"
                              + _fix_k(C - 1, "ldrld_loss(s, t, {k}) or kdk.nn.LDRLDLoss({k})", lowest=2))
+        if self.teacher_topk is not None and not self.teacher_topk.k <= C - 1:
+            raise ValueError(f"TopK.k must be in [1, C - 1] = [1, {C - 1}], got {self.teacher_topk.k}"
+                             + _fix_k(min(C - 1, MAX_TOPK), "kdk.TopK(k={k})"))
         if self.tdl is not None and not 2 * self.tdl.k < C:
             raise ValueError(f"TDL needs 2k < C (Pos, Neg and Non groups), got k={self.tdl.k}, C={C}"
                              + _fix_k((C - 1) // 2, "topkd_loss(s, t, y, {k}) or kdk.nn.TopKDLoss({k})")
                              + "; or tdl_weight=0 to drop TDL")
 
     # ---- flat parameter layout shared with the C++ backends ------------------------------------
-    def pack(self) -> tuple[list[float], list[int]]:
-        """Flatten into ``(floats, ints)`` in the order of ``FLOAT_FIELDS`` / ``INT_FIELDS``."""
+    def pack(self, sparse: Optional[tuple] = None) -> tuple[list[float], list[int]]:
+        """Flatten into ``(floats, ints)`` in the order of ``FLOAT_FIELDS`` / ``INT_FIELDS``. ``sparse``:
+        ``(normalize, K)`` of a sparse teacher, when the teacher is one."""
         tsm = self.teacher_topk_scale or TopKScale()
         dec = self.decoupled or Decoupled(alpha=0.0, beta=0.0)
         rel = self.relation or RankRelation(alpha=0.0, beta=0.0)
@@ -313,13 +503,21 @@ class LogitDistill:
             use_tdl=int(self.tdl is not None), tdl_k=tdl.k,
             loss_weight=self.loss_weight, reduction=REDUCTION_CODES[self.reduction],
             value=VALUE_CODES[self.value],
+            divergence=self.divergence.code, div_param=self.divergence.param,
+            softcap_s=self.softcap[0], softcap_t=self.softcap[1],
+            topk_mode=TOPK_MODES["none"], topk_k=1, topk_norm=0,
         )
+        if self.teacher_topk is not None:
+            values.update(topk_mode=TOPK_MODES["dense"], topk_k=self.teacher_topk.k,
+                          topk_norm=NORMALIZATION_CODES[self.teacher_topk.normalize])
+        if sparse is not None:
+            values.update(topk_mode=TOPK_MODES["sparse"], topk_k=sparse[1], topk_norm=NORMALIZATION_CODES[sparse[0]])
         return [float(values[f]) for f in FLOAT_FIELDS], [int(values[f]) for f in INT_FIELDS]
 
-    def packed(self) -> "PackedSpec":
+    def packed(self, sparse: Optional[tuple] = None) -> "PackedSpec":
         """The flat form the autograd Function and the launchers see (primitives only, so
-        torch.compile can carry it through the graph)."""
-        floats, ints = self.pack()
+        torch.compile can carry it through the graph); ``sparse`` as in :meth:`pack`."""
+        floats, ints = self.pack(sparse)
         return PackedSpec(tuple(floats), tuple(ints), self.learnable_temperature, self.reduction, self.inplace)
 
     def replace(self, **changes) -> "LogitDistill":
@@ -331,12 +529,13 @@ FLOAT_FIELDS = (
     "temperature", "kd_weight", "ce_weight", "tckd_weight", "nckd_weight", "max_weight",
     "dtkd_weight", "local_weight", "rest_weight", "rel_eps", "rel_delta", "rel_lambda",
     "tdl_weight", "tdl_pos", "tdl_neg", "tdl_non", "tsm_scale", "tsm_shift", "tsm_gt_scale",
-    "loss_weight",
+    "loss_weight", "div_param", "softcap_s", "softcap_t",
 )
 #: flat int parameters, in order (mirrored by csrc/kd_params.h)
 INT_FIELDS = (
     "ignore_index", "standardize", "use_tsm", "tsm_k", "use_decoupled", "adaptive_tckd",
     "use_relation", "rel_k", "rank_by_teacher", "use_tdl", "tdl_k", "reduction",
+    "divergence", "topk_mode", "topk_k", "topk_norm",
 )
 #: ``reduction`` as the kernels see it (the ``reduction`` int field)
 REDUCTION_CODES = {"none": 0, "sum": 1, "batchmean": 2}

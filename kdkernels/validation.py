@@ -66,14 +66,19 @@ def flatten_temperature(T: torch.Tensor, lead_shape, N: int, device) -> torch.Te
     return T.reshape(N)
 
 
+def check_label_values(labels, C: int, ignore_index: int) -> None:
+    """Check mode: every label is in ``[0, C)`` or ``ignore_index`` (device sync)."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= C))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"labels[{row}] = {int(labels[row])} is outside [0, {C}) and is not "
+                         f"ignore_index={ignore_index}")
+
+
 def check_values(s2d, t2d, labels, C: int, ignore_index: int, temperature=None) -> None:
     """Check mode: label range, non-finite logits, non-positive temperature tensors (device sync)."""
     if labels is not None:
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= C))
-        if bool(bad.any()):
-            row = int(bad.nonzero()[0, 0])
-            raise ValueError(f"labels[{row}] = {int(labels[row])} is outside [0, {C}) and is not "
-                             f"ignore_index={ignore_index}")
+        check_label_values(labels, C, ignore_index)
     for name, x in (("student_logits", s2d), ("teacher_logits", t2d)):
         bad = torch.isnan(x) | (x == float("inf"))
         if bool(bad.any()):
@@ -83,3 +88,63 @@ def check_values(s2d, t2d, labels, C: int, ignore_index: int, temperature=None) 
         T = temperature.detach()
         if bool((~torch.isfinite(T) | (T <= 0)).any()):
             raise ValueError("temperature tensor has non-positive entries (or NaN/inf)")
+
+
+#: integer dtypes accepted for sparse-teacher ids (uint16 is the common storage for vocabularies < 65536)
+ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint16)
+
+
+def flatten_sparse(teacher, lead_shape, device):
+    """A ``SparseTeacher``'s ``(ids, logprobs)`` ``[..., K]`` → ``[N, K]`` (ids int32 or int64, both with unit
+    column stride; uint16/int16 ids are widened to int32, an ``N·K`` copy). No value check here."""
+    ids, logprobs = teacher.ids, teacher.logprobs
+    for name, x in (("SparseTeacher.ids", ids), ("SparseTeacher.logprobs", logprobs)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.device != device:
+            raise ValueError(f"{name} must be on the student's device {device}, got {x.device}")
+        if x.dim() < 1 or tuple(x.shape[:-1]) != tuple(lead_shape):
+            raise ValueError(f"{name} must have shape {tuple(lead_shape)} + (K,) (the student's leading dims), "
+                             f"got {tuple(x.shape)}")
+    if ids.dtype not in ID_DTYPES:
+        raise TypeError(f"SparseTeacher.ids must be int64, int32, int16 or uint16, got {ids.dtype}")
+    if logprobs.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"SparseTeacher.logprobs must be float32, bfloat16, float16 or float64, got {logprobs.dtype}")
+    if ids.shape != logprobs.shape:
+        raise ValueError(f"SparseTeacher.ids and .logprobs must have the same shape, got {tuple(ids.shape)} "
+                         f"and {tuple(logprobs.shape)}")
+    K = ids.shape[-1]
+    if ids.dtype not in (torch.int64, torch.int32):
+        ids = ids.to(torch.int32)
+    ids = ids.reshape(-1, K)
+    logprobs = logprobs.reshape(-1, K)
+    return (ids if ids.stride(-1) == 1 else ids.contiguous(),
+            logprobs if logprobs.stride(-1) == 1 else logprobs.contiguous())
+
+
+#: stored log-probabilities may exceed 0 by rounding (a bf16 or fp32 log_softmax of a dominant token)
+LOGPROB_SLACK = 1e-3
+
+
+def check_sparse_values(ids, logprobs, C: int) -> None:
+    """Check mode for a sparse teacher (device sync): ids in ``[0, C)`` or padding, distinct within a row;
+    log-probabilities finite or −inf and ≤ 0 (up to ``LOGPROB_SLACK``) at the valid slots."""
+    valid = ids >= 0
+    bad = valid & (ids >= C)
+    if bool(bad.any()):
+        row, slot = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(f"SparseTeacher.ids[{row}, {slot}] = {int(ids[row, slot])} is outside [0, {C}) "
+                         "(padding slots use a negative id)")
+    lp = logprobs.detach()
+    bad = valid & (torch.isnan(lp) | (lp > LOGPROB_SLACK))
+    if bool(bad.any()):
+        row, slot = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(f"SparseTeacher.logprobs[{row}, {slot}] = {float(lp[row, slot])}: log-probabilities "
+                         "must be finite or -inf and <= 0")
+    key = torch.where(valid, ids.long(), -1 - torch.arange(ids.shape[-1], device=ids.device))
+    ordered = key.sort(-1).values
+    dup = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+    if bool(dup.any()):
+        row = int(dup.nonzero()[0, 0])
+        raise ValueError(f"SparseTeacher.ids row {row} holds the id {int(ordered[row, 1:][dup[row]][0])} twice "
+                         "(ids of a row must be distinct)")

@@ -28,6 +28,13 @@ SLOW = (
     "tests/test_cpp.py::test_cuda_sources_compile*",                       # nvcc, ~35 s
     "tests/test_cpp.py::test_cuda_binding_syntax",
     "tests/test_compile.py::test_compile_fullgraph_cpu_twin",
+    # the LLM family: interpreted gradchecks, compiles and the sm_80/sm_90 AOT of the new kernels
+    "tests/test_llm.py::test_gradcheck_float64[*-triton]",
+    "tests/test_llm.py::test_compile_fullgraph[*]",
+    "tests/test_triton_llm.py::test_llm_configurations_compile_for_sm90_without_spills",
+    "tests/test_triton_llm.py::test_softcap_with_every_preset_float64*",
+    "tests/test_triton_sparse.py::test_compiles_for_sm80_and_sm90",
+    "tests/test_linear.py::test_torch_compile_across_the_call[*]",
 )
 
 

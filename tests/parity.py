@@ -4,6 +4,7 @@ import contextlib
 import os
 
 import torch
+import torch.nn.functional as F
 
 import kdkernels as kdk
 from kdkernels.dispatch import unavailable_reason
@@ -99,3 +100,20 @@ def assert_close(got, want, dtype, what=""):
     g_scale = grad_ref.abs().max().clamp(min=1e-3)  # a floor for rows whose true gradient is ~0
     g_err = (grad.double() - grad_ref).abs().max() / g_scale
     assert g_err <= tol_grad, f"{what}: grad rel err {float(g_err):.3e} > {tol_grad}"
+
+
+def sparse_teacher(gen, N, C, K, normalize, *, dtype=torch.float32, pad=1, random_ids=False,
+                   ids_dtype=torch.int64):
+    """A stored top-K teacher: log-probabilities of random logits at the top-K (or random distinct) ids,
+    stored in ``dtype``; the last ``pad`` slots of row 0 are padding (id −1)."""
+    t = torch.randn(N, C, generator=gen, dtype=torch.float64) * 3
+    lp = F.log_softmax(t, -1)
+    if random_ids:
+        ids = torch.stack([torch.randperm(C, generator=gen)[:K] for _ in range(N)])
+    else:
+        ids = lp.topk(K, -1).indices
+    logprobs = lp.gather(-1, ids)
+    if pad:
+        ids[0, K - pad:] = -1
+        logprobs[0, K - pad:] = 0.0
+    return kdk.SparseTeacher(ids.to(ids_dtype).to(DEVICE), logprobs.to(dtype).to(DEVICE), normalize)

@@ -314,8 +314,16 @@ def test_pack_lengths_and_values():
     assert (f["tdl_weight"], f["tdl_pos"], f["tdl_neg"], f["tdl_non"]) == (0.7, 0.1, 0.2, 0.3)
     assert (f["tsm_scale"], f["tsm_shift"], f["tsm_gt_scale"]) == (0.2, 0.5, 0.5)
     assert i == dict(ignore_index=-1, standardize=1, use_tsm=1, tsm_k=3, use_decoupled=1, adaptive_tckd=1,
-                     use_relation=1, rel_k=4, rank_by_teacher=1, use_tdl=1, tdl_k=2, reduction=2)
-    assert f["loss_weight"] == 1.0
+                     use_relation=1, rel_k=4, rank_by_teacher=1, use_tdl=1, tdl_k=2, reduction=2,
+                     divergence=0, topk_mode=0, topk_k=1, topk_norm=0)
+    assert f["loss_weight"] == 1.0 and (f["div_param"], f["softcap_s"], f["softcap_t"]) == (0.0, 0.0, 0.0)
+    llm = LogitDistill(temperature=1.0, divergence=("jsd", 0.25), teacher_topk=kdk.TopK(5, "tail"),
+                       softcap=(30.0, None))
+    f1, i1 = (dict(zip(names, values)) for names, values in zip((FLOAT_FIELDS, INT_FIELDS), llm.pack()))
+    assert (f1["div_param"], f1["softcap_s"], f1["softcap_t"]) == (0.25, 30.0, 0.0)
+    assert (i1["divergence"], i1["topk_mode"], i1["topk_k"], i1["topk_norm"]) == (2, 1, 5, 1)
+    i2 = dict(zip(INT_FIELDS, LogitDistill(temperature=1.0).pack(sparse=("teacher", 64))[1]))
+    assert (i2["topk_mode"], i2["topk_k"], i2["topk_norm"]) == (2, 64, 2)
     f0 = dict(zip(FLOAT_FIELDS, specs[0].pack()[0]))
     i0 = dict(zip(INT_FIELDS, specs[0].pack()[1]))
     assert f0["temperature"] == 4.0 and f0["kd_weight"] == 1.0

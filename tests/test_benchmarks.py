@@ -267,7 +267,8 @@ def test_gpu_check_script_is_one_call_of_at_most_seven_minutes():
     assert main.returncode == 0, main.stderr
     order = ["benchmarks.timing cuda", "KDKERNELS_BUILD_CUDA=0", "pip install --no-deps --no-build-isolation -e .",
              "--suite headline --mode fwd+bwd --providers kdk-triton --verify-only",
-             "--suite headline --mode fwd+bwd --providers kdk-triton,eager,compile", "ncu --csv", "benchmarks.ncu_probe"]
+             "--suite headline --mode fwd+bwd --providers kdk-triton,eager,compile",
+             "--suite headline-linear --mode fwd+bwd", "ncu --csv", "benchmarks.ncu_probe"]
     pos = [main.stdout.find(needle) for needle in order]
     assert all(p >= 0 for p in pos) and pos == sorted(pos), list(zip(order, pos))  # in priority order
     assert "pytest" not in main.stdout and "TRITON_INTERPRET=1" not in main.stdout
@@ -283,7 +284,13 @@ def test_headline_suite_has_the_gpu_call_shapes():
     cases = suite_cases("headline", "cuda")
     assert {(c.N, c.C, c.dtype) for c in cases} == {(1024, 1000, "fp32"), (8192, 1000, "fp32"),
                                                      (16384, 131072, "bf16")}
-    assert {c.method for c in cases} == {"kd", "dkd", "ldrld", "topkd", "dtkd"}
+    classic = ("kd", "dkd", "ldrld", "topkd", "dtkd")
+    assert {c.method for c in cases} == set(classic) | {"reverse_kl", "jsd", "sparse_renorm", "sparse_tail"}
+    # priority order: the classic rows first, then the LLM family (dense, then the K = 64 sparse teacher)
+    first_llm = min(i for i, c in enumerate(cases) if c.method not in classic)
+    assert all(c.method in classic for c in cases[:first_llm])
+    assert all(c.method not in classic for c in cases[first_llm:])
+    assert {c.K for c in cases if c.sparse} == {64}
 
 
 def test_verify_only_rows_are_checked_not_timed():
@@ -341,3 +348,208 @@ def test_op_classification():
     kinds = classify_ops(ops.ops)
     assert "aten::sum" in kinds["aten_kernels"] and "aten::view" in kinds["aten_free"]
     assert "aten::mul" in kinds["aten_kernels"] and not kinds["custom"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the LLM family (issue 12): divergences, dense top-k with a tail, the sparse (stored top-K) teacher
+# ---------------------------------------------------------------------------------------------------
+LLM_BASELINES = ("reverse_kl", "jsd", "tvd", "topk_tail", "sparse_renorm", "sparse_tail", "sparse_renorm+ce")
+
+
+def _float64_inputs(preset, N=6, C=300, seed=3):
+    """Seeded float64 logits, labels with one ignored row, and the preset's teacher (a float64 stored top-K
+    for a sparse preset)."""
+    import kdkernels as kdk
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(N, C, generator=g, dtype=torch.float64) * 3
+    t = torch.randn(N, C, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, C, (N,), generator=g)
+    y[1] = -100
+    if preset.sparse is not None:
+        from benchmarks.presets import SPARSE_K
+        logprobs, ids = torch.log_softmax(t, -1).topk(SPARSE_K, -1)
+        t = kdk.SparseTeacher(ids, logprobs, preset.sparse)
+    return s, t, y
+
+
+@pytest.mark.parametrize("name", LLM_BASELINES)
+def test_llm_baselines_equal_the_reference_in_float64(name):
+    """Each LLM eager baseline (TRL's generalised JSD, torchtune's reverse KL, TVD, the Megatron-style tail
+    and the renormalised top-K KL, + CE) is the preset's loss: loss and gradient to 1e-10 in float64."""
+    import kdkernels as kdk
+    from benchmarks import baselines
+    from benchmarks.presets import PRESETS
+    preset = PRESETS[name]
+    s, t, y = _float64_inputs(preset)
+    x_ref = s.clone().requires_grad_(True)
+    ref = kdk.logit_distill(x_ref, t, y, preset.build(), backend="reference")
+    g_ref, = torch.autograd.grad(ref, x_ref)
+    x = s.clone().requires_grad_(True)
+    loss = baselines.BASELINES[name][0](x, t, y)
+    g, = torch.autograd.grad(loss, x)
+    loss, ref = float(loss.detach()), float(ref.detach())
+    assert abs(loss - ref) <= 1e-10 * abs(ref), (name, loss, ref)
+    assert float((g - g_ref).norm()) <= 1e-10 * float(g_ref.norm()), name
+    assert g[1].abs().max() == 0  # the ignored token
+
+
+def test_llm_suite_has_the_divergences_topk_and_sparse_teacher():
+    from benchmarks.shapes import LLM, LLM_CPU, LLM_METHODS, SPARSE_KS, SPARSE_LLM, SPARSE_METHODS
+    gpu = suite_cases("llm", "cuda")
+    for m in LLM_METHODS:
+        assert {(c.N, c.C) for c in gpu if c.method == m} == set(LLM), m
+    for m in SPARSE_METHODS:
+        got = {(c.N, c.C, c.K) for c in gpu if c.method == m}
+        assert got == {(n, c, k) for n, c in SPARSE_LLM for k in SPARSE_KS} == \
+            {(16384, v, k) for v in (131072, 262144) for k in (64, 128, 256)}, m
+    assert all(c.dtype == "bf16" for c in gpu)
+    cpu = [c for c in suite_cases("llm", "cpu") if c.method in LLM_METHODS + SPARSE_METHODS]
+    assert {(c.N, c.C) for c in cpu} == set(LLM_CPU) and all(c.elements <= 1 << 23 for c in cpu)
+    sparse = Case("t", "sparse_tail", 16, 1000, "bf16", 64)
+    assert sparse.sparse and sparse.normalize == "tail" and sparse.shape == "N=16 C=1000 K=64"
+    assert suite_cases("llm", "cuda", methods=["kd"])[0].K == 0
+
+
+def test_sparse_bytes_formula():
+    c = Case("t", "sparse_renorm", 8, 1000, "bf16", 64)
+    assert min_bytes(c, "fwd") == 8 * 1000 * 2 + 8 * 64 * (8 + 4)      # read s, the int64 ids, float32 logprobs
+    assert min_bytes(c, "fwd+bwd") == 2 * 8 * 1000 * 2 + 8 * 64 * 12   # + write the gradient once
+
+
+def test_sparse_inputs_are_the_teachers_top_k():
+    import kdkernels as kdk
+    case = Case("t", "sparse_renorm", 5, 200, "bf16", 16)
+    s, t, y = make_inputs(case, CPU)
+    assert isinstance(t, kdk.SparseTeacher) and t.normalize == "renorm"
+    assert t.ids.shape == t.logprobs.shape == (5, 16) and t.ids.dtype == torch.int64
+    assert t.logprobs.dtype == torch.float32 and s.dtype == torch.bfloat16
+    assert bool((t.logprobs <= 0).all()) and bool((t.logprobs[:, :-1] >= t.logprobs[:, 1:]).all())  # sorted top-K
+    assert float(t.logprobs.exp().sum(-1).max()) < 1.0
+    assert [int(r.unique().numel()) for r in t.ids] == [16] * 5
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_llm_eager_and_reference_rows_are_verified(dtype):
+    """The LLM family through the harness: the eager baselines and the reference verified against the
+    float64 reference, sparse rows carry K (a sparse teacher slices and upcasts its logprobs only)."""
+    from benchmarks.shapes import LLM_METHODS, SPARSE_METHODS
+    methods = LLM_METHODS + SPARSE_METHODS  # topk_tail: an unambiguous top-k set even in bf16 (untie_top_k)
+    cases = [Case("tiny", m, 8, 256, dtype, 64 if m in SPARSE_METHODS else 0) for m in methods]
+    rows = Runner([Eager(), Reference()], CPU, modes=("fwd+bwd",), **FAST).run(cases)
+    bad = [(r["method"], r["provider"], r["reason"]) for r in rows if r["status"] != "ok"]
+    assert not bad, bad
+    assert {r["K"] for r in rows if r["method"].startswith("sparse")} == {64}
+    assert {r["K"] for r in rows if not r["method"].startswith("sparse")} == {None}
+
+
+def test_a_backend_without_the_option_is_a_skipped_row():
+    class Unimplemented(Provider):
+        name, description = "unimplemented", "raises NotImplementedError like a backend without the option"
+
+        def build(self, case, device):
+            def f(s, t, y):
+                raise NotImplementedError("kdkernels triton: divergence='tvd' with a sparse teacher is not supported")
+            return f
+
+    class NoModule(Provider):
+        name, description = "nomodule", "its kernel module is missing"
+
+        def build(self, case, device):
+            def f(s, t, y):
+                raise ModuleNotFoundError("No module named 'kdkernels._triton.sparse'")
+            return f
+
+    rows = Runner([Unimplemented(), NoModule(), Reference()], CPU, modes=("fwd+bwd",), **FAST).run(
+        [Case("tiny", "sparse_tail", 8, 256, "fp32", 64)])
+    assert [r["status"] for r in rows] == ["skipped", "skipped", "ok"], rows
+    assert "not available in this backend" in rows[0]["reason"] and "divergence='tvd'" in rows[0]["reason"]
+    assert "kdkernels._triton.sparse" in rows[1]["reason"]
+
+
+def test_dense_top_k_inputs_have_an_unambiguous_support():
+    """bf16 logits tie at the 64th place of a long row most of the time; the top-k case's teacher is untied
+    there (only entries equal to the 65th are raised, by one representable step)."""
+    from benchmarks.shapes import untie_top_k
+    g = torch.Generator().manual_seed(0)
+    raw = (torch.randn(64, 4096, generator=g) * 3).bfloat16()
+    top = raw.float().sort(-1, descending=True).values
+    assert int((top[:, 63] == top[:, 64]).sum()) > 0  # ties happen
+    fixed = untie_top_k(raw, 64)
+    top2 = fixed.float().sort(-1, descending=True).values
+    assert int((top2[:, 63] == top2[:, 64]).sum()) == 0 and fixed.dtype == torch.bfloat16
+    changed = fixed != raw
+    assert int(changed.sum(-1).max()) <= 64 and bool((fixed >= raw).all())
+    assert torch.equal(top2[:, 64:], top[:, 64:])  # the rest of the row is untouched
+    _, t, _ = make_inputs(Case("t", "topk_tail", 32, 4096, "bf16"), CPU)
+    top3 = t.float().sort(-1, descending=True).values
+    assert int((top3[:, 63] == top3[:, 64]).sum()) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the fused-linear suite (--suite llm-linear)
+# ---------------------------------------------------------------------------------------------
+def test_llm_linear_suite_shapes():
+    gpu = suite_cases("llm-linear", "cuda")
+    assert {c.family for c in gpu} == {"linear"} and {c.dtype for c in gpu} == {"bf16"}
+    assert {c.N for c in gpu} >= {4096, 16384, 32768} and {c.H for c in gpu} == {2048, 4096}
+    assert {c.C for c in gpu} == {32768, 131072, 262144}
+    assert {c.K for c in gpu if c.sparse} == {64} and {c.method for c in gpu} == {
+        "linear_kl", "linear_jsd", "linear_renorm", "linear_tail"}
+    cpu = suite_cases("llm-linear", "cpu")
+    assert {(c.N, c.H, c.C, c.dtype) for c in cpu} == {(512, 64, 8192, "fp32")}
+    head = suite_cases("headline-linear", "cuda")
+    assert {(c.N, c.H, c.C, c.method, c.dtype) for c in head} == {(16384, 4096, 131072, "linear_kl", "bf16")}
+    case = cpu[0]
+    assert min_flops(case, "fwd+bwd") == 6 * 512 * 8192 * 64 and case.shape == "N=512 H=64 V=8192"
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_llm_linear_rows_are_verified_against_float64(with_bias):
+    from benchmarks.linear import LinearRunner, linear_providers
+    runner = LinearRunner(linear_providers(), CPU, **FAST)
+    runner.with_bias = with_bias
+    rows = runner.run(suite_cases("tiny-linear", "cpu"))
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert not [r for r in rows if r["status"] == "failed"], [r["reason"] for r in rows if r["status"] == "failed"]
+    # every provider but liger, every method, both modes; the fused sparse form only on the sparse methods
+    got = {(r["method"], r["provider"], r["mode"]) for r in ok}
+    for m in ("linear_kl", "linear_jsd"):
+        for p in ("kdk-fused-logits", "kdk-fused-hidden", "kdk-unfused", "eager"):
+            assert {(m, p, "fwd"), (m, p, "fwd+bwd")} <= got
+    for m in ("linear_renorm", "linear_tail"):
+        for p in ("kdk-fused-sparse", "kdk-unfused", "eager"):
+            assert {(m, p, "fwd"), (m, p, "fwd+bwd")} <= got
+    assert not {(m, "kdk-fused-sparse") for m in ("linear_kl", "linear_jsd")} & {(r["method"], r["provider"]) for r in rows}
+    grads = ("h", "W", "b") if with_bias else ("h", "W")
+    for r in ok:
+        assert r["loss_err"] <= 1e-4 and r["H"] == 8 and r["time_ms"] > 0
+        if r["mode"] == "fwd+bwd":
+            assert r["grad_err"] <= 1e-4 and all(f"{g} " in r["verified"] for g in grads), r["verified"]
+            assert ("b " in r["verified"]) == with_bias
+    liger = [r for r in rows if r["provider"] == "liger"]
+    assert liger and all(r["status"] == "skipped" and r["reason"] for r in liger)
+
+
+def test_llm_linear_catches_a_wrong_provider():
+    from benchmarks.linear import EagerLinear, LinearRunner
+
+    class WrongBeta(EagerLinear):
+        name = "wrong"
+
+        def build(self, case, device):
+            good = super().build(case, device)
+            return lambda h, w, b: good(h, w * 1.01, b)  # a slightly different head: plausible, wrong
+    rows = LinearRunner([WrongBeta()], CPU, **FAST).run(suite_cases("tiny-linear", "cpu", methods=["linear_kl"]))
+    assert rows and all(r["status"] == "failed" and "float64 reference" in r["reason"] for r in rows)
+
+
+def test_llm_linear_suite_runs_end_to_end(tmp_path):
+    code = run.main(["--suite", "llm-linear", "--methods", "linear_kl,linear_renorm", "--mode", "fwd+bwd",
+                     "--warmup-ms", "1", "--rep-ms", "2", "--out", str(tmp_path), "--no-plots", "--quiet",
+                     "--strict", "--copy-mib", "4"])
+    assert code == 0
+    with open(tmp_path / "llm-linear.csv") as fh:
+        rows = list(csv.DictReader(line for line in fh if not line.startswith("#")))
+    assert {r["provider"] for r in rows if r["status"] == "ok"} == {
+        "kdk-fused-logits", "kdk-fused-hidden", "kdk-fused-sparse", "kdk-unfused", "eager"}
+    assert all(r["H"] == "64" and r["N"] == "512" for r in rows)

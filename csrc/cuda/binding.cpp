@@ -17,8 +17,10 @@ void check_cuda(int err, const char* what) {
 std::tuple<at::Tensor, at::Tensor> logit_distill_fwd_cuda(
     const at::Tensor& s, const at::Tensor& t, const c10::optional<at::Tensor>& labels,
     const c10::optional<at::Tensor>& temperature, c10::ArrayRef<double> fparams, c10::ArrayRef<int64_t> iparams,
-    const c10::optional<at::Tensor>& grad, const c10::optional<at::Tensor>& grad_factor, bool want_dtemp) {
+    const c10::optional<at::Tensor>& grad, const c10::optional<at::Tensor>& grad_factor, bool want_dtemp,
+    const c10::optional<at::Tensor>& teacher_ids) {
   TORCH_CHECK(s.is_cuda(), "kdkernels: the CUDA kernel needs CUDA tensors");
+  check_block_engine_dense(teacher_ids);
   check_block_engine_dtypes(s, t);
   const c10::cuda::CUDAGuard guard(s.device());
   LaunchTensors lt = make_launch(s, t, labels, temperature, fparams, iparams, grad, grad_factor, want_dtemp,

@@ -18,6 +18,19 @@ Gradient w.r.t. ``s̃`` (then through ``Z``; CE's goes to the raw logits directl
     Z     ∂/∂z = (g − ḡ)/σ' − (Σ g·z̃)·z̃/((n − 1)·σ)          (0 for σ = 0)
     T     ∂ℓ/∂T = kd_w·[2T·KL − Σ(q − p)s̃ − Σ t̃·p·(log p − log q − KL)]    (learnable temperature)
 
+The LLM family (docs/divergences.md, docs/topk_teachers.md), each behind its own ``tl.constexpr``:
+
+    softcap   x ← c·tanh(x/c) on the raw s (softcap_s) and t (softcap_t) at load time, before everything
+              else (CE sees the capped student); the gradient is multiplied by 1 − (x_capped/c)²
+    D         the KD term is kd_w·T²·D(p‖q) for any divergence (divergence.py: per-outcome d_c and
+              qg_c = q_c·∂D/∂q_c); gradient kd_w·T·(qg_c − q_c·Σ_j qg_j), Σqg from P5 (forward KL: −1)
+    top-k     a dense teacher masked to its k largest logits S (ties to the lower column):
+              renorm  D(softmax_S(t̃/T) ‖ softmax_S(s̃/T)), gradient on S only
+              tail    D over S ∪ {tail}, log q_tail = LSE_∉S − LSE (masked LSEs, P3), gradient on c ∉ S
+                      kd_w·T·(q_c/q_tail·qg_tail − q_c·Σqg)
+              teacher Σ_S p̂·(log p̂ − log q), gradient kd_w·T·(q − p̂)
+              membership of S is one compare against S's worst slot (the Bound), whatever k
+
 Passes over a row (each only when its ``tl.constexpr`` flag needs it; a row of ≤ ``BLOCK_C`` columns is
 read from memory once and kept in registers, longer rows stream in ``BLOCK_C`` blocks). The kernel is a
 short driver (``_logit_distill_kernel`` → ``_distill_row``) over one ``@triton.jit`` helper per pass,
@@ -25,13 +38,14 @@ each documenting what it reads and which row records (tuples, see "row records" 
 
     P1 _pass_moments       moments of s and t (standardize)
     P2 _pass_teacher_topk  teacher top-k + means (TopKScale)           → the Transform record
+    P2' _pass_support      the dense top-k teacher's support S (tail; renorm/teacher merge S in P3)
     P3 _pass_row_stats     RowStats at T, merged block by block with merge_row_stats: LSE states (the
                            non-target ones for DKD/AEKT, the full ones by merging in the target; raw
                            logits for CE), the student's argmax (DTKD); top-k lists (LDRLD ranking, TDL)
-       row scalars         _decoupled_row, _dtkd_temperatures, _relation_terms, _tdl_groups
+       row scalars         _decoupled_row, _dtkd_temperatures, _relation_terms, _tdl_groups, _support_terms
     P4 _pass_restricted    LSE states of LDRLD's complement and at DTKD's T_s/T_t, TDL's Non sums
     P5 _pass_sums          loss and the row sums the gradient needs (standardize, DTKD's argmax column,
-                           learnable T)
+                           learnable T, a divergence's Σqg)
     P6 _pass_gradient      gradient write (loss too when P5 did not run); per column, P5 and P6 share
                            _column_terms
 
@@ -67,9 +81,10 @@ import triton
 import triton.language as tl
 
 from ..dispatch import interpreting
-from ..spec import FLOAT_FIELDS, INT_FIELDS, REDUCTION_CODES
+from ..spec import FLOAT_FIELDS, INT_FIELDS, NORMALIZATION_CODES, REDUCTION_CODES, TOPK_MODES, SparseTeacher
+from .divergence import FORWARD_KL, divergence_terms
 from .row_ops import (BIG_IDX, bernoulli_kl, log_prob, lse_init, lse_merge, lse_norm, lse_update, moments_update, pick,
-                      ranks, topk_init, topk_merge)
+                      ranks, softcap, topk_init, topk_merge)
 
 #: largest row kept in registers (a single pass over memory); longer rows stream in blocks of this size
 MAX_BLOCK_C = 4096
@@ -104,11 +119,20 @@ P_TSM_SCALE = tl.constexpr(_FLOAT_INDEX["tsm_scale"])
 P_TSM_SHIFT = tl.constexpr(_FLOAT_INDEX["tsm_shift"])
 P_TSM_GT_SCALE = tl.constexpr(_FLOAT_INDEX["tsm_gt_scale"])
 P_LOSS_WEIGHT = tl.constexpr(_FLOAT_INDEX["loss_weight"])
+P_DIV_PARAM = tl.constexpr(_FLOAT_INDEX["div_param"])
+P_SOFTCAP_S = tl.constexpr(_FLOAT_INDEX["softcap_s"])
+P_SOFTCAP_T = tl.constexpr(_FLOAT_INDEX["softcap_t"])
+#: ``topk_mode`` / ``topk_norm`` codes (kdkernels.spec TOPK_MODES, NORMALIZATIONS)
+TOPK_DENSE = tl.constexpr(TOPK_MODES["dense"])
+NORM_RENORM = tl.constexpr(NORMALIZATION_CODES["renorm"])
+NORM_TAIL = tl.constexpr(NORMALIZATION_CODES["tail"])
+NORM_TEACHER = tl.constexpr(NORMALIZATION_CODES["teacher"])
 
 
 # ---- row records ----------------------------------------------------------------------------------
 # Per-row state travels between the passes as small tuples (Triton passes and returns them like scalars):
-#   RowRef     (s_row, t_row, C, s_cache, t_cache)   where the row is; the caches hold a single-block row
+#   RowRef     (s_row, t_row, C, s_cache, t_cache, cap_s, cap_t)   where the row is; the caches hold a
+#              single-block row (already softcapped); cap_s/cap_t: the softcaps (used under SOFTCAP_S/_T)
 #   Transform  (mean_s, inv_s, mean_t, inv_t, tsm_idx, tsm_mult, tsm_add, tsm_y, tsm_y_mult)
 #              standardisation Z (identity when off) and TopKScale (no column hit when off)
 #   LSE state  (m, d) of row_ops, in the logits' units; finished as (m, log d) by lse_norm
@@ -116,7 +140,14 @@ P_LOSS_WEIGHT = tl.constexpr(_FLOAT_INDEX["loss_weight"])
 #              non-target LSE states of s̃/t̃, the raw-logit state (CE, inv_t = 1), the student's
 #              maximum and its first column (DTKD); merged by merge_row_stats — per column block here,
 #              and the same merge serves row splits and vocabulary shards
-#   Lists      (key, idx, s, t) top-k lists of row_ops (LDRLD ranking, TDL Pos and Neg candidates)
+#   Lists      (key, idx, s, t) top-k lists of row_ops (LDRLD ranking, TDL Pos and Neg candidates, the
+#              dense top-k teacher's support S)
+#   Bound      (w_key, w_idx) the worst slot of a full support List: column c is in S iff
+#              t̃_c > w_key or (t̃_c == w_key and c ≤ w_idx) — S is the k best in (key desc, column asc)
+#   LLM        (div_param, Σqg, w_key, w_idx, norm_p, norm_q, norm_sc, kd_w·T·qg_tail, kd_w·T·Σqg, kd_ok)
+#              the divergence / dense top-k teacher terms of the KD gradient: the Bound of S, the finished
+#              states whose log_prob gives S's outcome log-probabilities (teacher, student: renormalised
+#              over S, or full), the complement state of s̃ (tail)
 
 
 
@@ -132,6 +163,8 @@ def _logit_distill_kernel(
     USE_TDL: tl.constexpr, TDL_K: tl.constexpr, K_PAD: tl.constexpr, NEG_PAD: tl.constexpr,
     NEED_SUMS: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr,
     VEC: tl.constexpr, BATCH_BLOCK: tl.constexpr,
+    DIVERGENCE: tl.constexpr, SOFTCAP_S: tl.constexpr, SOFTCAP_T: tl.constexpr, TOPK_MODE: tl.constexpr,
+    TOPK_K: tl.constexpr, TOPK_NORM: tl.constexpr,
 ):
     """One program per row: the driver over the passes P1–P6, then the batch reduction."""
     if VEC > 1:
@@ -151,33 +184,81 @@ def _logit_distill_kernel(
 
     # every per-row load is issued up front (one dependent memory trip per row); an ignored row's
     # logits are masked out of the loads, so it reads nothing
-    row_live = offs < C
+    y, ignored, bad = row_label(labels_ptr, row, C, ignore_index, HAS_LABELS)
+    row_live = (offs < C) & (~ignored)
+    T = row_temperature(temp_ptr, params_ptr, row, stride_temp, TEMP_IS_TENSOR, ACC)
+    inv_T = 1.0 / T
+    cap_s = zero
+    cap_t = zero
+    if SOFTCAP_S:
+        cap_s = tl.load(params_ptr + P_SOFTCAP_S)
+    if SOFTCAP_T:
+        cap_t = tl.load(params_ptr + P_SOFTCAP_T)
+    if SINGLE_BLOCK:
+        s_cache = tl.load(s_row + offs, mask=row_live, other=-float("inf")).to(ACC)
+        t_cache = tl.load(t_row + offs, mask=row_live, other=-float("inf")).to(ACC)
+        if SOFTCAP_S:
+            s_cache = softcap(s_cache, cap_s)
+        if SOFTCAP_T:
+            t_cache = softcap(t_cache, cap_t)
+    else:
+        s_cache = tl.zeros([BLOCK_C], ACC)
+        t_cache = tl.zeros([BLOCK_C], ACC)
+    ref = (s_row, t_row, C, s_cache, t_cache, cap_s, cap_t)
+
+    HAVE_COUNT: tl.constexpr = REDUCTION == REDUCTION_BATCHMEAN and (WRITE_GRAD or WANT_DTEMP)
+    count, row_scale, g_scale = row_scales(labels_ptr, gfactor_ptr, row, stride_gfactor, N, ignore_index, loss_w,
+                                           HAS_LABELS, HAVE_COUNT, HAS_GFACTOR, BATCH_BLOCK, ACC)
+    loss = zero
+    dtemp = zero
+    if ignored:
+        if WRITE_GRAD:
+            zero_row(g_row, C, offs, BLOCK_C, ACC)
+    else:
+        loss, dtemp = _distill_row(ref, offs, y, bad, T, inv_T, g_row, g_scale, row_scale, params_ptr, zero,
+                                   HAS_LABELS, WRITE_GRAD, WANT_DTEMP, USE_KD, USE_CE, STANDARDIZE, USE_TSM, TSM_K,
+                                   USE_DEC, ADAPTIVE, USE_DTKD, USE_REL, REL_K, RANK_BY_TEACHER, USE_TDL, TDL_K,
+                                   K_PAD, NEG_PAD, NEED_SUMS, BLOCK_C, SINGLE_BLOCK, ACC, DIVERGENCE, SOFTCAP_S,
+                                   SOFTCAP_T, TOPK_MODE, TOPK_K, TOPK_NORM)
+
+    if WANT_DTEMP:
+        tl.store(dtemp_ptr + row, dtemp)
+    _reduce_batch(row, loss, row_loss_ptr, loss_ptr, ticket_ptr, labels_ptr, N, ignore_index, count,
+                  HAS_LABELS, HAVE_COUNT, REDUCTION, BATCH_BLOCK)
+
+
+@triton.jit
+def row_label(labels_ptr, row, C, ignore_index, HAS_LABELS: tl.constexpr):
+    """(y, ignored, bad) of one row: its label (0 where it is out of range, so it is never read out of
+    bounds), whether it is ``ignore_index``, and whether it is a bad label (its row becomes NaN)."""
     if HAS_LABELS:
         y = tl.load(labels_ptr + row)
         ignored = y == ignore_index
         bad = (y < 0) | (y >= C)
         y = tl.where(bad, 0, y).to(tl.int32)
-        row_live = row_live & (~ignored)
     else:
         y = 0
         ignored = False
         bad = False
+    return y, ignored, bad
+
+
+@triton.jit
+def row_temperature(temp_ptr, params_ptr, row, stride_temp, TEMP_IS_TENSOR: tl.constexpr, ACC: tl.constexpr):
+    """The row's temperature: the per-row tensor's entry, or the packed float."""
     if TEMP_IS_TENSOR:
         T = tl.load(temp_ptr + row * stride_temp).to(ACC)
     else:
         T = tl.load(params_ptr + P_TEMPERATURE)
-    inv_T = 1.0 / T
-    if SINGLE_BLOCK:
-        s_cache = tl.load(s_row + offs, mask=row_live, other=-float("inf")).to(ACC)
-        t_cache = tl.load(t_row + offs, mask=row_live, other=-float("inf")).to(ACC)
-    else:
-        s_cache = tl.zeros([BLOCK_C], ACC)
-        t_cache = tl.zeros([BLOCK_C], ACC)
-    ref = (s_row, t_row, C, s_cache, t_cache)
+    return T
 
-    # the row's share of the returned loss: loss_weight, and 1/count for batchmean
+
+@triton.jit
+def row_scales(labels_ptr, gfactor_ptr, row, stride_gfactor, N, ignore_index, loss_w, HAS_LABELS: tl.constexpr,
+               HAVE_COUNT: tl.constexpr, HAS_GFACTOR: tl.constexpr, BATCH_BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """(count, row_scale, g_scale): the batchmean divisor (N when not counted), the row's share of the
+    returned loss (loss_weight, ÷ count for batchmean) and of the gradient (× grad_factor[row])."""
     count = N
-    HAVE_COUNT: tl.constexpr = REDUCTION == REDUCTION_BATCHMEAN and (WRITE_GRAD or WANT_DTEMP)
     row_scale = loss_w
     if HAVE_COUNT:
         count = _count_valid_rows(labels_ptr, N, ignore_index, HAS_LABELS, BATCH_BLOCK)
@@ -185,24 +266,15 @@ def _logit_distill_kernel(
     g_scale = row_scale
     if HAS_GFACTOR:
         g_scale = row_scale * tl.load(gfactor_ptr + row * stride_gfactor).to(ACC)
+    return count, row_scale, g_scale
 
-    loss = zero
-    dtemp = zero
-    if ignored:
-        if WRITE_GRAD:
-            for start in range(0, C, BLOCK_C):
-                cols = start + offs
-                tl.store(g_row + cols, tl.zeros([BLOCK_C], ACC).to(grad_ptr.dtype.element_ty), mask=cols < C)
-    else:
-        loss, dtemp = _distill_row(ref, offs, y, bad, T, inv_T, g_row, g_scale, row_scale, params_ptr, zero,
-                                   HAS_LABELS, WRITE_GRAD, WANT_DTEMP, USE_KD, USE_CE, STANDARDIZE, USE_TSM, TSM_K,
-                                   USE_DEC, ADAPTIVE, USE_DTKD, USE_REL, REL_K, RANK_BY_TEACHER, USE_TDL, TDL_K,
-                                   K_PAD, NEG_PAD, NEED_SUMS, BLOCK_C, SINGLE_BLOCK, ACC)
 
-    if WANT_DTEMP:
-        tl.store(dtemp_ptr + row, dtemp)
-    _reduce_batch(row, loss, row_loss_ptr, loss_ptr, ticket_ptr, labels_ptr, N, ignore_index, count,
-                  HAS_LABELS, HAVE_COUNT, REDUCTION, BATCH_BLOCK)
+@triton.jit
+def zero_row(g_row, C, offs, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """Write an ignored row's gradient: exactly 0 on every column."""
+    for start in range(0, C, BLOCK_C):
+        cols = start + offs
+        tl.store(g_row + cols, tl.zeros([BLOCK_C], ACC).to(g_row.dtype.element_ty), mask=cols < C)
 
 
 @triton.jit
@@ -212,24 +284,28 @@ def _distill_row(ref, offs, y, bad, T, inv_T, g_row, g_scale, row_scale, params_
                  USE_DEC: tl.constexpr, ADAPTIVE: tl.constexpr, USE_DTKD: tl.constexpr, USE_REL: tl.constexpr,
                  REL_K: tl.constexpr, RANK_BY_TEACHER: tl.constexpr, USE_TDL: tl.constexpr, TDL_K: tl.constexpr,
                  K_PAD: tl.constexpr, NEG_PAD: tl.constexpr, NEED_SUMS: tl.constexpr, BLOCK_C: tl.constexpr,
-                 SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr):
+                 SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr, DIVERGENCE: tl.constexpr,
+                 SOFTCAP_S: tl.constexpr, SOFTCAP_T: tl.constexpr, TOPK_MODE: tl.constexpr, TOPK_K: tl.constexpr,
+                 TOPK_NORM: tl.constexpr):
     """A row that is not ignored: P1–P6 in order; writes the gradient (× ``g_scale``) and returns
     (row loss × loss_weight, ∂loss/∂T × ``row_scale``) — NaN for a NaN row, 0 for an empty one."""
-    s_row = ref[0]
     loss_w = tl.load(params_ptr + P_LOSS_WEIGHT)
     # P1, P2: the Transform (standardisation, TopKScale)
     xf, n_s, sigma_s = _row_transform(ref, offs, y, params_ptr, zero, HAS_LABELS, STANDARDIZE, USE_TSM, TSM_K,
-                                      K_PAD, BLOCK_C, SINGLE_BLOCK, ACC)
+                                      K_PAD, BLOCK_C, SINGLE_BLOCK, ACC, SOFTCAP_S, SOFTCAP_T)
     target = (zero, zero)
     s_raw_y = zero
     if USE_DEC or USE_CE:
-        # the target logits: two scalar loads, transformed like the rest of their row
-        s_raw_y = tl.load(s_row + y).to(ACC)
-        target = _transform(s_raw_y, tl.load(ref[1] + y).to(ACC), y, xf, STANDARDIZE, USE_TSM, TSM_K)
+        s_raw_y, target = _target_logits(ref, y, xf, STANDARDIZE, USE_TSM, TSM_K, ACC, SOFTCAP_S, SOFTCAP_T)
+    # P2' (dense top-k teacher, tail): the support S first, so P3 can mask it out
+    sup = topk_init(TOPK_K, K_PAD, ACC)
+    if TOPK_MODE == TOPK_DENSE and TOPK_NORM == NORM_TAIL:
+        sup = _pass_support(ref, offs, xf, TOPK_K, K_PAD, BLOCK_C, SINGLE_BLOCK, ACC, SOFTCAP_S, SOFTCAP_T)
     # P3: RowStats at T and the top-k lists
-    stats, rel, pos, neg = _pass_row_stats(ref, offs, xf, y, target, inv_T, zero, USE_DEC, USE_CE, USE_DTKD,
-                                           USE_REL, REL_K, RANK_BY_TEACHER, USE_TDL, TDL_K, STANDARDIZE,
-                                           USE_TSM, TSM_K, K_PAD, NEG_PAD, BLOCK_C, SINGLE_BLOCK, ACC)
+    stats, rel, pos, neg, sup, comp = _pass_row_stats(
+        ref, offs, xf, y, target, inv_T, zero, sup, USE_DEC, USE_CE, USE_DTKD, USE_REL, REL_K, RANK_BY_TEACHER,
+        USE_TDL, TDL_K, STANDARDIZE, USE_TSM, TSM_K, K_PAD, NEG_PAD, BLOCK_C, SINGLE_BLOCK, ACC, SOFTCAP_S,
+        SOFTCAP_T, TOPK_MODE, TOPK_NORM)
     lse_s, lse_t, lse_snt, lse_tnt, lse_raw, v_max, v_arg = stats
     # NaN or +inf anywhere in s̃ or t̃ makes d NaN: the row's loss and gradient are NaN; a row with
     # no finite student or teacher logit (m = −inf) is empty: loss and gradient 0
@@ -277,7 +353,7 @@ def _distill_row(ref, offs, y, bad, T, inv_T, g_row, g_scale, row_scale, params_
     inv_Tt = 1.0 / T_t
     lse_sR, lse_tR, lse_sd, lse_td, non = _pass_restricted(
         ref, offs, xf, inv_T, inv_Ts, inv_Tt, rel_idx, pos_idx, neg_idx, zero, USE_REL, REL_K, USE_TDL,
-        USE_DTKD, STANDARDIZE, USE_TSM, TSM_K, K_PAD, NEG_PAD, BLOCK_C, SINGLE_BLOCK, ACC)
+        USE_DTKD, STANDARDIZE, USE_TSM, TSM_K, K_PAD, NEG_PAD, BLOCK_C, SINGLE_BLOCK, ACC, SOFTCAP_S, SOFTCAP_T)
     c1_non = zero
     c2_non = zero
     if USE_TDL:
@@ -289,6 +365,9 @@ def _distill_row(ref, offs, y, bad, T, inv_T, g_row, g_scale, row_scale, params_
              lse_norm(lse_td))
     temps = (T, inv_T, T_s, T_t, inv_Ts, inv_Tt)
     kd_w = tl.load(params_ptr + P_KD_WEIGHT)
+    kd_sum, llm = _llm_terms(params_ptr, sup, comp, norm_s, norm_t, T, inv_T, kd_w, row_ok, v_arg, zero,
+                             DIVERGENCE, TOPK_MODE, TOPK_NORM)
+    kd_ok = llm[9]
     nckd_w = tl.load(params_ptr + P_NCKD_WEIGHT)
     dtkd_w = tl.load(params_ptr + P_DTKD_WEIGHT)
     rest_w = tl.load(params_ptr + P_REST_WEIGHT)
@@ -302,9 +381,17 @@ def _distill_row(ref, offs, y, bad, T, inv_T, g_row, g_scale, row_scale, params_
     a = (zero, zero, zero)
     b = (zero, zero, zero)
     if NEED_SUMS:
-        kl, zg, a, b = _pass_sums(ref, offs, xf, y, norms, temps, weights, dec, (rel_idx, rel_g), tdl, shifts,
-                                  zero, USE_KD, WANT_DTEMP, USE_DEC, USE_DTKD, USE_REL, REL_K, USE_TDL,
-                                  STANDARDIZE, USE_TSM, TSM_K, K_PAD, NEG_PAD, BLOCK_C, SINGLE_BLOCK, ACC)
+        kl, zg, a, b, dsum = _pass_sums(ref, offs, xf, y, norms, temps, weights, dec, (rel_idx, rel_g), tdl,
+                                        shifts, llm, zero, USE_KD, WANT_DTEMP, USE_DEC, USE_DTKD, USE_REL, REL_K,
+                                        USE_TDL, STANDARDIZE, USE_TSM, TSM_K, K_PAD, NEG_PAD, BLOCK_C,
+                                        SINGLE_BLOCK, ACC, SOFTCAP_S, SOFTCAP_T, DIVERGENCE, TOPK_MODE, TOPK_NORM)
+        if DIVERGENCE != FORWARD_KL and TOPK_MODE != TOPK_DENSE:
+            # Σqg is now known: P5's g held only kd_w·T·qg, so Z's sums get the −kd_w·T·Σqg·q part here
+            # (linear in q: Σ_live q and Σ_live q·s̃ came with P5)
+            sum_qg, sum_q, sum_qs = dsum
+            llm = (llm[0], sum_qg, llm[2], llm[3], llm[4], llm[5], llm[6], llm[7], llm[8], llm[9])
+            if STANDARDIZE:
+                zg = (zg[0] - kd_w * T * sum_qg * sum_q, zg[1] - kd_w * T * sum_qg * sum_qs)
     if WRITE_GRAD or not NEED_SUMS:
         extra = zero
         if USE_DTKD:
@@ -320,11 +407,14 @@ def _distill_row(ref, offs, y, bad, T, inv_T, g_row, g_scale, row_scale, params_
         kl6 = _pass_gradient(ref, offs, xf, y, g_row, norms, temps, weights, dec, (rel_idx, rel_g), tdl, shifts,
                              (g_bar, gz_coef, xf[1], v_arg, extra),
                              (tl.load(params_ptr + P_CE_WEIGHT), lse_norm(lse_raw)), (g_scale, row_ok, row_nan),
-                             zero, WRITE_GRAD, NEED_SUMS, USE_KD, WANT_DTEMP, USE_DEC, USE_CE, USE_DTKD, USE_REL,
-                             REL_K, USE_TDL, STANDARDIZE, USE_TSM, TSM_K, K_PAD, NEG_PAD, BLOCK_C, SINGLE_BLOCK,
-                             ACC)
+                             llm, zero, WRITE_GRAD, NEED_SUMS, USE_KD, WANT_DTEMP, USE_DEC, USE_CE, USE_DTKD,
+                             USE_REL, REL_K, USE_TDL, STANDARDIZE, USE_TSM, TSM_K, K_PAD, NEG_PAD, BLOCK_C,
+                             SINGLE_BLOCK, ACC, SOFTCAP_S, SOFTCAP_T, DIVERGENCE, TOPK_MODE, TOPK_NORM)
         if not NEED_SUMS:
             kl = kl6
+    if TOPK_MODE == TOPK_DENSE:
+        # the KD term over the support came from registers (0 for a row empty on S)
+        kl = (tl.where(kd_ok, kd_sum, 0.0), kl[1], kl[2], kl[3])
 
     # a KL that rounding made negative (fp32 at huge T) is clamped at 0; the gradient is unaffected
     dtemp = zero
@@ -339,15 +429,51 @@ def _distill_row(ref, offs, y, bad, T, inv_T, g_row, g_scale, row_scale, params_
 
 
 @triton.jit
-def _load_row(row_ptr, cols, C, cache, SINGLE_BLOCK: tl.constexpr, LAST_USE: tl.constexpr, ACC: tl.constexpr):
-    """A block of one row in the accumulation dtype; columns ≥ C read as −inf (masked). Streamed rows
-    are re-read by later passes: keep them in L2 (evict_last) until the last pass (evict_first)."""
+def _target_logits(ref, y, xf, STANDARDIZE: tl.constexpr, USE_TSM: tl.constexpr, TSM_K: tl.constexpr,
+                   ACC: tl.constexpr, SOFTCAP_S: tl.constexpr, SOFTCAP_T: tl.constexpr):
+    """(raw s_y, (s̃_y, t̃_y)): the target logits, two scalar loads, softcapped and transformed like the
+    rest of their row."""
+    s_raw_y = tl.load(ref[0] + y).to(ACC)
+    t_raw_y = tl.load(ref[1] + y).to(ACC)
+    if SOFTCAP_S:
+        s_raw_y = softcap(s_raw_y, ref[5])
+    if SOFTCAP_T:
+        t_raw_y = softcap(t_raw_y, ref[6])
+    return s_raw_y, _transform(s_raw_y, t_raw_y, y, xf, STANDARDIZE, USE_TSM, TSM_K)
+
+
+@triton.jit
+def _llm_terms(params_ptr, sup, comp, norm_s, norm_t, T, inv_T, kd_w, row_ok, v_arg, zero,
+               DIVERGENCE: tl.constexpr, TOPK_MODE: tl.constexpr, TOPK_NORM: tl.constexpr):
+    """(the dense top-k teacher's D from registers — 0 without one —, the LLM record) after P3; without a
+    top-k teacher the record carries only the divergence parameter (Σqg follows from P5), and forward
+    KL without top-k never reads it."""
+    div_param = zero
+    if DIVERGENCE != FORWARD_KL:
+        div_param = tl.load(params_ptr + P_DIV_PARAM)
+    kd_sum = zero
+    llm = (div_param, zero, zero, v_arg, norm_s, norm_s, norm_s, zero, zero, row_ok)
+    if TOPK_MODE == TOPK_DENSE:
+        kd_sum, llm = _support_terms(sup, norm_s, norm_t, lse_norm(comp[0]), lse_norm(comp[1]), T, inv_T, kd_w,
+                                     div_param, zero, DIVERGENCE, TOPK_NORM)
+    return kd_sum, llm
+
+
+@triton.jit
+def _load_row(row_ptr, cols, C, cache, cap, SINGLE_BLOCK: tl.constexpr, LAST_USE: tl.constexpr, ACC: tl.constexpr,
+              CAP: tl.constexpr):
+    """A block of one row in the accumulation dtype, softcapped by ``cap`` when ``CAP`` (the single-block
+    cache already is); columns ≥ C read as −inf (masked). Streamed rows are re-read by later passes: keep
+    them in L2 (evict_last) until the last pass (evict_first)."""
     if SINGLE_BLOCK:
         x = cache
-    elif LAST_USE:
-        x = tl.load(row_ptr + cols, mask=cols < C, other=-float("inf"), eviction_policy="evict_first").to(ACC)
     else:
-        x = tl.load(row_ptr + cols, mask=cols < C, other=-float("inf"), eviction_policy="evict_last").to(ACC)
+        if LAST_USE:
+            x = tl.load(row_ptr + cols, mask=cols < C, other=-float("inf"), eviction_policy="evict_first").to(ACC)
+        else:
+            x = tl.load(row_ptr + cols, mask=cols < C, other=-float("inf"), eviction_policy="evict_last").to(ACC)
+        if CAP:
+            x = softcap(x, cap)
     return x
 
 
@@ -378,29 +504,31 @@ def _transform(s_raw, t_raw, cols, xf, STANDARDIZE: tl.constexpr, USE_TSM: tl.co
 
 @triton.jit
 def _load_block(ref, cols, xf, STANDARDIZE: tl.constexpr, USE_TSM: tl.constexpr, TSM_K: tl.constexpr,
-                SINGLE_BLOCK: tl.constexpr, LAST_USE: tl.constexpr, ACC: tl.constexpr):
-    """(raw student, s̃, t̃) of one block of the row (``ref``: a RowRef, ``xf``: a Transform)."""
-    s_row, t_row, C, s_cache, t_cache = ref
-    s_raw = _load_row(s_row, cols, C, s_cache, SINGLE_BLOCK, LAST_USE, ACC)
-    t_raw = _load_row(t_row, cols, C, t_cache, SINGLE_BLOCK, LAST_USE, ACC)
+                SINGLE_BLOCK: tl.constexpr, LAST_USE: tl.constexpr, ACC: tl.constexpr, SOFTCAP_S: tl.constexpr,
+                SOFTCAP_T: tl.constexpr):
+    """(raw student — softcapped —, s̃, t̃) of one block of the row (``ref``: a RowRef, ``xf``: a Transform)."""
+    s_row, t_row, C, s_cache, t_cache, cap_s, cap_t = ref
+    s_raw = _load_row(s_row, cols, C, s_cache, cap_s, SINGLE_BLOCK, LAST_USE, ACC, SOFTCAP_S)
+    t_raw = _load_row(t_row, cols, C, t_cache, cap_t, SINGLE_BLOCK, LAST_USE, ACC, SOFTCAP_T)
     s, t = _transform(s_raw, t_raw, cols, xf, STANDARDIZE, USE_TSM, TSM_K)
     return s_raw, s, t
 
 
 @triton.jit
-def _pass_moments(ref, offs, zero, BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr):
+def _pass_moments(ref, offs, zero, BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr,
+                  SOFTCAP_S: tl.constexpr, SOFTCAP_T: tl.constexpr):
     """P1 (standardize). Reads the raw s and t. Produces (mean_s, 1/(σ_s + ε), σ_s, n_s, mean_t,
     1/(σ_t + ε)) over the finite entries; a constant row (max == min) gets σ = 0 and mean = its value
     exactly, so Z = 0 there."""
-    s_row, t_row, C, s_cache, t_cache = ref
+    s_row, t_row, C, s_cache, t_cache, cap_s, cap_t = ref
     n_s, mean_s, m2_s = zero, zero, zero
     n_t, mean_t, m2_t = zero, zero, zero
     lo_s, hi_s = zero + float("inf"), zero - float("inf")
     lo_t, hi_t = zero + float("inf"), zero - float("inf")
     for start in range(0, C, BLOCK_C):
         cols = start + offs
-        s_raw = _load_row(s_row, cols, C, s_cache, SINGLE_BLOCK, False, ACC)
-        t_raw = _load_row(t_row, cols, C, t_cache, SINGLE_BLOCK, False, ACC)
+        s_raw = _load_row(s_row, cols, C, s_cache, cap_s, SINGLE_BLOCK, False, ACC, SOFTCAP_S)
+        t_raw = _load_row(t_row, cols, C, t_cache, cap_t, SINGLE_BLOCK, False, ACC, SOFTCAP_T)
         n_s, mean_s, m2_s, lo_s, hi_s = moments_update(n_s, mean_s, m2_s, lo_s, hi_s, s_raw,
                                                        s_raw != -float("inf"))
         n_t, mean_t, m2_t, lo_t, hi_t = moments_update(n_t, mean_t, m2_t, lo_t, hi_t, t_raw,
@@ -418,17 +546,18 @@ def _pass_moments(ref, offs, zero, BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.const
 @triton.jit
 def _pass_teacher_topk(ref, offs, y, mean_t, inv_t, tsm_scale, tsm_shift, zero, HAS_LABELS: tl.constexpr,
                        STANDARDIZE: tl.constexpr, TSM_K: tl.constexpr, K_PAD: tl.constexpr,
-                       BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr):
+                       BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr,
+                       SOFTCAP_T: tl.constexpr):
     """P2 (TopKScale). Reads t (standardized with P1's moments when asked). Produces the teacher's
     top-k columns with their multipliers, the additive shift·gap, and the label column when it is
     outside the top-k (else -1)."""
-    s_row, t_row, C, s_cache, t_cache = ref
+    s_row, t_row, C, s_cache, t_cache, cap_s, cap_t = ref
     tk_key, tk_idx, tk_a, tk_b = topk_init(TSM_K, K_PAD, ACC)
     t_sum = zero
     t_cnt = zero
     for start in range(0, C, BLOCK_C):
         cols = start + offs
-        t_raw = _load_row(t_row, cols, C, t_cache, SINGLE_BLOCK, False, ACC)
+        t_raw = _load_row(t_row, cols, C, t_cache, cap_t, SINGLE_BLOCK, False, ACC, SOFTCAP_T)
         if STANDARDIZE:
             t_raw = _standardized(t_raw, mean_t, inv_t)
         live = t_raw != -float("inf")
@@ -454,7 +583,7 @@ def _pass_teacher_topk(ref, offs, y, mean_t, inv_t, tsm_scale, tsm_shift, zero, 
 @triton.jit
 def _row_transform(ref, offs, y, params_ptr, zero, HAS_LABELS: tl.constexpr, STANDARDIZE: tl.constexpr,
                    USE_TSM: tl.constexpr, TSM_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
-                   SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr):
+                   SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr, SOFTCAP_S: tl.constexpr, SOFTCAP_T: tl.constexpr):
     """P1 and P2: the row's Transform, plus (n_s, σ_s) for the gradient through Z."""
     mean_s = zero
     inv_s = zero + 1.0
@@ -463,7 +592,8 @@ def _row_transform(ref, offs, y, params_ptr, zero, HAS_LABELS: tl.constexpr, STA
     n_s = zero
     sigma_s = zero
     if STANDARDIZE:
-        mean_s, inv_s, sigma_s, n_s, mean_t, inv_t = _pass_moments(ref, offs, zero, BLOCK_C, SINGLE_BLOCK, ACC)
+        mean_s, inv_s, sigma_s, n_s, mean_t, inv_t = _pass_moments(ref, offs, zero, BLOCK_C, SINGLE_BLOCK, ACC,
+                                                                   SOFTCAP_S, SOFTCAP_T)
     tsm_idx = tl.zeros([K_PAD], tl.int32)
     tsm_mult = tl.zeros([K_PAD], ACC)
     tsm_add = zero
@@ -473,7 +603,7 @@ def _row_transform(ref, offs, y, params_ptr, zero, HAS_LABELS: tl.constexpr, STA
         tsm_y_mult = 1.0 + tl.load(params_ptr + P_TSM_GT_SCALE)
         tsm_idx, tsm_mult, tsm_add, tsm_y = _pass_teacher_topk(
             ref, offs, y, mean_t, inv_t, tl.load(params_ptr + P_TSM_SCALE), tl.load(params_ptr + P_TSM_SHIFT),
-            zero, HAS_LABELS, STANDARDIZE, TSM_K, K_PAD, BLOCK_C, SINGLE_BLOCK, ACC)
+            zero, HAS_LABELS, STANDARDIZE, TSM_K, K_PAD, BLOCK_C, SINGLE_BLOCK, ACC, SOFTCAP_T)
     return (mean_s, inv_s, mean_t, inv_t, tsm_idx, tsm_mult, tsm_add, tsm_y, tsm_y_mult), n_s, sigma_s
 
 
@@ -516,24 +646,39 @@ def _block_row_stats(s_raw, s, t, cols, y, inv_T, zero, USE_DEC: tl.constexpr, U
 
 
 @triton.jit
-def _pass_row_stats(ref, offs, xf, y, target, inv_T, zero, USE_DEC: tl.constexpr, USE_CE: tl.constexpr,
+def _pass_row_stats(ref, offs, xf, y, target, inv_T, zero, sup, USE_DEC: tl.constexpr, USE_CE: tl.constexpr,
                     USE_DTKD: tl.constexpr, USE_REL: tl.constexpr, REL_K: tl.constexpr,
                     RANK_BY_TEACHER: tl.constexpr, USE_TDL: tl.constexpr, TDL_K: tl.constexpr,
                     STANDARDIZE: tl.constexpr, USE_TSM: tl.constexpr, TSM_K: tl.constexpr, K_PAD: tl.constexpr,
-                    NEG_PAD: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr):
+                    NEG_PAD: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr,
+                    SOFTCAP_S: tl.constexpr, SOFTCAP_T: tl.constexpr, TOPK_MODE: tl.constexpr,
+                    TOPK_NORM: tl.constexpr):
     """P3. Reads s and t through the Transform ``xf`` (and the target logits ``target`` = (s̃_y, t̃_y)).
     Produces the row's RowStats at T (for DKD the full states are the non-target ones merged with the
-    target) and the top-k Lists: LDRLD's ranking, TDL's Pos and its 2k smallest (Neg candidates)."""
+    target), the top-k Lists: LDRLD's ranking, TDL's Pos and its 2k smallest (Neg candidates), and for a
+    dense top-k teacher its support S (``sup``: merged here for renorm/teacher; for tail P2' found it and
+    P3 masks it out) with the complement states (LSE_∉S of s̃, of t̃ at T; tail only)."""
     stats = empty_row_stats(zero)
     rel = topk_init(REL_K, K_PAD, ACC)
     pos = topk_init(TDL_K, K_PAD, ACC)
     neg = topk_init(2 * TDL_K, NEG_PAD, ACC)
+    comp_s = lse_init(zero)
+    comp_t = lse_init(zero)
+    bound = _support_bound(sup)
     for start in range(0, ref[2], BLOCK_C):
         cols = start + offs
-        s_raw, s, t = _load_block(ref, cols, xf, STANDARDIZE, USE_TSM, TSM_K, SINGLE_BLOCK, False, ACC)
+        s_raw, s, t = _load_block(ref, cols, xf, STANDARDIZE, USE_TSM, TSM_K, SINGLE_BLOCK, False, ACC, SOFTCAP_S,
+                                  SOFTCAP_T)
         stats = merge_row_stats(stats, _block_row_stats(s_raw, s, t, cols, y, inv_T, zero, USE_DEC, USE_CE,
                                                         USE_DTKD), inv_T)
         cand = tl.where(cols < ref[2], cols, BIG_IDX)
+        if TOPK_MODE == TOPK_DENSE:
+            if TOPK_NORM == NORM_TAIL:
+                in_S = _in_support(t, cols, bound)
+                comp_s = lse_update(comp_s, tl.where(in_S, -float("inf"), s), inv_T)
+                comp_t = lse_update(comp_t, tl.where(in_S, -float("inf"), t), inv_T)
+            else:
+                sup = topk_merge(sup[0], sup[1], sup[2], sup[3], t, cand, s, t, K_PAD)
         if USE_REL:
             rel_key, rel_idx, rel_s, rel_t = rel
             if RANK_BY_TEACHER:
@@ -551,7 +696,96 @@ def _pass_row_stats(ref, offs, xf, y, target, inv_T, zero, USE_DEC: tl.constexpr
         lse_s = lse_merge(stats[2], (s_y, 1.0 + zero), inv_T)
         lse_t = lse_merge(stats[3], (t_y, 1.0 + zero), inv_T)
         stats = (lse_s, lse_t, stats[2], stats[3], stats[4], stats[5], stats[6])
-    return stats, rel, pos, neg
+    return stats, rel, pos, neg, sup, (comp_s, comp_t)
+
+
+@triton.jit
+def _pass_support(ref, offs, xf, TOPK_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
+                  SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr, SOFTCAP_S: tl.constexpr, SOFTCAP_T: tl.constexpr):
+    """P2' (dense top-k teacher, tail). Reads s and t (softcapped). Produces the support S: the List of
+    the teacher's TOPK_K largest logits (ties to the lower column) with their s̃ and t̃."""
+    sup = topk_init(TOPK_K, K_PAD, ACC)
+    for start in range(0, ref[2], BLOCK_C):
+        cols = start + offs
+        s_raw, s, t = _load_block(ref, cols, xf, False, False, 1, SINGLE_BLOCK, False, ACC, SOFTCAP_S, SOFTCAP_T)
+        cand = tl.where(cols < ref[2], cols, BIG_IDX)
+        sup = topk_merge(sup[0], sup[1], sup[2], sup[3], t, cand, s, t, K_PAD)
+    return sup
+
+
+@triton.jit
+def _log_mass(norm_part, norm_full, inv_t):
+    """log of the probability mass of a subset: LSE_part − LSE_full from finished states (−inf for an
+    empty subset)."""
+    return tl.where(norm_part[0] == -float("inf"), -float("inf"),
+                    (norm_part[0] - norm_full[0]) * inv_t + norm_part[1] - norm_full[1])
+
+
+@triton.jit
+def _support_bound(sup):
+    """The Bound (w_key, w_idx) of a support List: its worst real slot in (key desc, column asc) order."""
+    key, idx, s_k, t_k = sup
+    real = (idx >= 0) & (idx != BIG_IDX)
+    w_key = tl.min(tl.where(real, key, float("inf")), 0)
+    w_idx = tl.max(tl.where(real & (key == w_key), idx, -1), 0)
+    return w_key, w_idx
+
+
+@triton.jit
+def _in_support(t, cols, bound):
+    """Per column: is it in S (the Bound's k best teacher logits; ties to the lower column)? One compare,
+    whatever k."""
+    w_key, w_idx = bound
+    return (t > w_key) | ((t == w_key) & (cols <= w_idx))
+
+
+@triton.jit
+def _support_terms(sup, norm_s, norm_t, norm_sc, norm_tc, T, inv_T, kd_w, div_param, zero,
+                   DIVERGENCE: tl.constexpr, TOPK_NORM: tl.constexpr):
+    """The dense top-k teacher's KD term from registers: the support List ``sup`` (P2'/P3), the full
+    states of s̃, t̃ and (tail) their complement states ``norm_sc``, ``norm_tc``.
+
+    renorm   p̂, q̂ = softmax_S(t̃/T), softmax_S(s̃/T):  D(p̂‖q̂); gradient on S kd_w·T·(qg − q̂·Σ_S qg)
+    teacher  p̂ = softmax_S(t̃/T), q full:  Σ_S p̂·(log p̂ − log q); gradient kd_w·T·(q − p̂)
+    tail     outcomes S ∪ {tail}, full-vocabulary p, q; log q_tail = LSE_∉S − LSE (masked, not 1 − Σq):
+             D over the k + 1 outcomes; gradient on S kd_w·T·(qg − q·Σ_o qg_o)
+
+    Returns (D, the LLM record): kd_ok is false for a row with no finite teacher or student logit on S
+    (renorm; teacher: no finite teacher logit): its KD term is 0; a column c ∉ S gets (tail)
+    kd_w·T·(q_c/q_tail·qg_tail − q_c·Σ_o qg_o) from the record's last coefficients."""
+    key, idx, s_k, t_k = sup
+    real = (idx >= 0) & (idx != BIG_IDX)
+    s_k = tl.where(real, s_k, -float("inf"))
+    t_k = tl.where(real, t_k, -float("inf"))
+    d_tail = zero
+    qg_tail = zero
+    if TOPK_NORM == NORM_TAIL:
+        norm_p = norm_t
+        norm_q = norm_s
+        d_tail, qg_tail = divergence_terms(_log_mass(norm_tc, norm_t, inv_T), _log_mass(norm_sc, norm_s, inv_T),
+                                           div_param, DIVERGENCE)
+        kd_ok = zero == zero
+    else:
+        norm_p = lse_norm(lse_update(lse_init(zero), t_k, inv_T))
+        if TOPK_NORM == NORM_TEACHER:
+            norm_q = norm_s
+            kd_ok = norm_p[0] != -float("inf")
+        else:
+            norm_q = lse_norm(lse_update(lse_init(zero), s_k, inv_T))
+            kd_ok = (norm_p[0] != -float("inf")) & (norm_q[0] != -float("inf"))
+    lp = log_prob(t_k, norm_p, inv_T)
+    lq = log_prob(s_k, norm_q, inv_T)
+    sum_qg = zero - 1.0  # forward KL: Σ qg = −Σ p = −1 exactly
+    if TOPK_NORM == NORM_TEACHER:
+        d, qg = divergence_terms(lp, lq, div_param, FORWARD_KL)
+    else:
+        d, qg = divergence_terms(lp, lq, div_param, DIVERGENCE)
+        if DIVERGENCE != FORWARD_KL:
+            sum_qg = tl.sum(tl.where(real, qg, 0.0), 0) + qg_tail
+    d_sum = tl.sum(tl.where(real, d, 0.0), 0) + d_tail
+    w_key, w_idx = _support_bound(sup)
+    return d_sum, (div_param, sum_qg, w_key, w_idx, norm_p, norm_q, norm_sc, kd_w * T * qg_tail,
+                   kd_w * T * sum_qg, kd_ok)
 
 
 @triton.jit
@@ -606,7 +840,8 @@ def _tdl_groups(pos, neg, tdl_w, params_ptr, TDL_K: tl.constexpr):
 def _pass_restricted(ref, offs, xf, inv_T, inv_Ts, inv_Tt, rel_idx, pos_idx, neg_idx, zero,
                      USE_REL: tl.constexpr, REL_K: tl.constexpr, USE_TDL: tl.constexpr, USE_DTKD: tl.constexpr,
                      STANDARDIZE: tl.constexpr, USE_TSM: tl.constexpr, TSM_K: tl.constexpr, K_PAD: tl.constexpr,
-                     NEG_PAD: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr):
+                     NEG_PAD: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr,
+                     SOFTCAP_S: tl.constexpr, SOFTCAP_T: tl.constexpr):
     """P4 (LDRLD, TDL, DTKD). Reads s̃ and t̃ and the top-k columns P3 chose. Produces the LSE states of
     the complement of LDRLD's set (at T), the states at DTKD's T_s/T_t, and TDL's Non-group sums
     (dot, ‖u‖², ‖v‖²)."""
@@ -620,7 +855,8 @@ def _pass_restricted(ref, offs, xf, inv_T, inv_Ts, inv_Tt, rel_idx, pos_idx, neg
     if USE_REL or USE_TDL or USE_DTKD:  # else P4 does not run (no reads)
         for start in range(0, ref[2], BLOCK_C):
             cols = start + offs
-            s_raw, s, t = _load_block(ref, cols, xf, STANDARDIZE, USE_TSM, TSM_K, SINGLE_BLOCK, False, ACC)
+            s_raw, s, t = _load_block(ref, cols, xf, STANDARDIZE, USE_TSM, TSM_K, SINGLE_BLOCK, False, ACC,
+                                      SOFTCAP_S, SOFTCAP_T)
             if USE_REL:
                 in_I = _lookup(cols, rel_idx, rel_idx, BIG_IDX, REL_K) != BIG_IDX
                 lse_sR = lse_update(lse_sR, tl.where(in_I, -float("inf"), s), inv_T)
@@ -650,17 +886,24 @@ def _kl_terms(s, t, norm_s, norm_t, inv_ts, inv_tt):
 
 
 @triton.jit
-def _column_terms(s, t, cols, y, norms, temps, weights, dec, sparse, tdl, shifts,
+def _column_terms(s, t, cols, y, norms, temps, weights, dec, sparse, tdl, shifts, llm,
                   USE_KD: tl.constexpr, WANT_DTEMP: tl.constexpr, USE_DEC: tl.constexpr, USE_DTKD: tl.constexpr,
                   USE_REL: tl.constexpr, REL_K: tl.constexpr, USE_TDL: tl.constexpr, K_PAD: tl.constexpr,
-                  NEG_PAD: tl.constexpr, ACC: tl.constexpr):
+                  NEG_PAD: tl.constexpr, ACC: tl.constexpr, DIVERGENCE: tl.constexpr, TOPK_MODE: tl.constexpr,
+                  TOPK_NORM: tl.constexpr):
     """The bulk gradient w.r.t. s̃ of one block (before Z and CE) and its per-column loss parts.
 
     Consumes the finished states ``norms`` = (s, t, s≠y, t≠y, s_R, t_R, s@T_s, t@T_t), ``temps`` =
     (T, 1/T, T_s, T_t, 1/T_s, 1/T_t), ``weights`` = (kd, nckd, dtkd, rest), ``dec`` = (q_y, p_y, α_n),
     ``sparse`` = (LDRLD columns, their gradient), ``tdl`` = (Pos columns, Neg columns, c1/c2 per group),
-    ``shifts`` = (s̃ max, t̃ max). Returns (g, KL parts of KD, NCKD, DTKD, LDRLD rest — per column —,
-    the learnable-T parts a1, a2, a3 and DTKD's b1, b2, b3 — per column, unreduced)."""
+    ``shifts`` = (s̃ max, t̃ max), ``llm`` = the LLM record (divergence, dense top-k teacher). Returns (g,
+    KL parts of KD (the divergence's d for another divergence; 0 for a top-k teacher, whose D comes
+    from registers), NCKD, DTKD, LDRLD rest — per column —, the learnable-T parts a1, a2, a3 and DTKD's
+    b1, b2, b3 — per column, unreduced —, and (qg, q) of another divergence, for P5's sums).
+
+    KD with another divergence: kd_w·T·(qg − q·Σqg) (Σqg = ``llm[1]``, known from P5 in P6); with a
+    dense top-k teacher: the slot gradient on S, elsewhere 0 (renorm), kd_w·T·q (teacher) or the tail
+    formula kd_w·T·(q_c/q_tail·qg_tail − q_c·Σqg), q_c/q_tail = softmax over the complement."""
     T, inv_T, T_s, T_t, inv_Ts, inv_Tt = temps
     kd_w, nckd_w, dtkd_w, rest_w = weights
     s_hi, t_hi = shifts
@@ -675,9 +918,33 @@ def _column_terms(s, t, cols, y, norms, temps, weights, dec, sparse, tdl, shifts
     b1 = g
     b2 = g
     b3 = g
-    if USE_KD or WANT_DTEMP:
+    dv = (g, g)
+    if TOPK_MODE == TOPK_DENSE:
+        div_param, sum_qg, w_key, w_idx, norm_p, norm_q, norm_sc, c_tail, c_sum, kd_ok = llm
+        lp = log_prob(t, norm_p, inv_T)
+        lq = log_prob(s, norm_q, inv_T)
+        q = tl.exp(lq)
+        if TOPK_NORM == NORM_TEACHER:
+            g_S = kd_w * T * (q - tl.exp(lp))  # norm_q is the full student state: q is the full softmax
+            off = kd_w * T * q
+        else:
+            if DIVERGENCE == FORWARD_KL:
+                g_S = kd_w * T * (q - tl.exp(lp))  # Σqg = −1
+            else:
+                d_c, qg = divergence_terms(lp, lq, div_param, DIVERGENCE)
+                g_S = kd_w * T * qg - c_sum * q
+            off = g
+            if TOPK_NORM == NORM_TAIL:
+                off = c_tail * tl.exp(log_prob(s, norm_sc, inv_T)) - c_sum * q
+        g += tl.where(kd_ok, tl.where(_in_support(t, cols, (w_key, w_idx)), g_S, off), 0.0)
+    elif USE_KD or WANT_DTEMP:
         q, pr, lq, lp, kl_kd = _kl_terms(s, t, norms[0], norms[1], inv_T, inv_T)
-        g += kd_w * T * (q - pr)
+        if DIVERGENCE == FORWARD_KL:
+            g += kd_w * T * (q - pr)
+        else:
+            kl_kd, qg = divergence_terms(lp, lq, llm[0], DIVERGENCE)
+            g += kd_w * T * (qg - q * llm[1])
+            dv = (qg, q)
         if WANT_DTEMP:
             a1 = tl.where((q > 0) | (pr > 0), (q - pr) * (s - s_hi), 0.0)
             a2 = tl.where(pr > 0, (t - t_hi) * pr * (lp - lq), 0.0)
@@ -711,7 +978,7 @@ def _column_terms(s, t, cols, y, norms, temps, weights, dec, sparse, tdl, shifts
         c1 = tl.where(in_pos, c1_pos, tl.where(in_neg, c1_neg, c1_non))
         c2 = tl.where(in_pos, c2_pos, tl.where(in_neg, c2_neg, c2_non))
         g += tl.where(live, c2 * s - c1 * t, 0.0)
-    return g, (kl_kd, kl_nc, kl_d, kl_r), (a1, a2, a3), (b1, b2, b3)
+    return g, (kl_kd, kl_nc, kl_d, kl_r), (a1, a2, a3), (b1, b2, b3), dv
 
 
 @triton.jit
@@ -727,26 +994,31 @@ def _dtkd_argmax_gradient(b, kl_d, x_max, v_max, T, T_s, T_t, ok, dtkd_w):
 
 
 @triton.jit
-def _pass_sums(ref, offs, xf, y, norms, temps, weights, dec, sparse, tdl, shifts, zero,
+def _pass_sums(ref, offs, xf, y, norms, temps, weights, dec, sparse, tdl, shifts, llm, zero,
                USE_KD: tl.constexpr, WANT_DTEMP: tl.constexpr, USE_DEC: tl.constexpr, USE_DTKD: tl.constexpr,
                USE_REL: tl.constexpr, REL_K: tl.constexpr, USE_TDL: tl.constexpr, STANDARDIZE: tl.constexpr,
                USE_TSM: tl.constexpr, TSM_K: tl.constexpr, K_PAD: tl.constexpr, NEG_PAD: tl.constexpr,
-               BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """P5 (only when the gradient or dtemp needs row sums: standardize, DTKD, learnable T). Reads s̃, t̃
-    (backwards: the blocks P4 read last are the likeliest in L2). Produces the row's KL sums (KD, NCKD,
-    DTKD, LDRLD rest), the Z-backward sums (Σg, Σg·s̃) and the temperature-derivative sums (a1..a3
-    learnable T, b1..b3 DTKD)."""
+               BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr, SOFTCAP_S: tl.constexpr,
+               SOFTCAP_T: tl.constexpr, DIVERGENCE: tl.constexpr, TOPK_MODE: tl.constexpr,
+               TOPK_NORM: tl.constexpr):
+    """P5 (only when the gradient or dtemp needs row sums: standardize, DTKD, learnable T, a divergence
+    other than forward KL). Reads s̃, t̃ (backwards: the blocks P4 read last are the likeliest in L2; a
+    single-block row from registers). Produces the row's KL sums (KD — the divergence's Σd —, NCKD, DTKD,
+    LDRLD rest), the Z-backward sums (Σg, Σg·s̃), the temperature-derivative sums (a1..a3 learnable T,
+    b1..b3 DTKD) and a divergence's (Σqg, Σ_live q, Σ_live q·s̃) (its P5 g holds kd_w·T·qg only)."""
     kl = (zero, zero, zero, zero)
     zg = (zero, zero)
     a = (zero, zero, zero)
     b = (zero, zero, zero)
+    dsum = (zero, zero, zero)
     C = ref[2]
     for i in range(0, C, BLOCK_C):
         cols = (C - 1) // BLOCK_C * BLOCK_C - i + offs
-        s_raw, s, t = _load_block(ref, cols, xf, STANDARDIZE, USE_TSM, TSM_K, SINGLE_BLOCK, False, ACC)
-        g, kl_c, a_c, b_c = _column_terms(s, t, cols, y, norms, temps, weights, dec, sparse, tdl, shifts,
-                                          USE_KD, WANT_DTEMP, USE_DEC, USE_DTKD, USE_REL, REL_K, USE_TDL,
-                                          K_PAD, NEG_PAD, ACC)
+        s_raw, s, t = _load_block(ref, cols, xf, STANDARDIZE, USE_TSM, TSM_K, SINGLE_BLOCK, False, ACC, SOFTCAP_S,
+                                  SOFTCAP_T)
+        g, kl_c, a_c, b_c, dv = _column_terms(s, t, cols, y, norms, temps, weights, dec, sparse, tdl, shifts, llm,
+                                              USE_KD, WANT_DTEMP, USE_DEC, USE_DTKD, USE_REL, REL_K, USE_TDL,
+                                              K_PAD, NEG_PAD, ACC, DIVERGENCE, TOPK_MODE, TOPK_NORM)
         kl = (kl[0] + tl.sum(kl_c[0], 0), kl[1] + tl.sum(kl_c[1], 0), kl[2] + tl.sum(kl_c[2], 0),
               kl[3] + tl.sum(kl_c[3], 0))
         if STANDARDIZE:
@@ -756,20 +1028,32 @@ def _pass_sums(ref, offs, xf, y, norms, temps, weights, dec, sparse, tdl, shifts
             a = (a[0] + tl.sum(a_c[0], 0), a[1] + tl.sum(a_c[1], 0), a[2] + tl.sum(a_c[2], 0))
         if USE_DTKD:
             b = (b[0] + tl.sum(b_c[0], 0), b[1] + tl.sum(b_c[1], 0), b[2] + tl.sum(b_c[2], 0))
-    return kl, zg, a, b
+        if DIVERGENCE != FORWARD_KL and TOPK_MODE != TOPK_DENSE:
+            qg_c, q_c = dv
+            sum_qg = dsum[0] + tl.sum(qg_c, 0)
+            if STANDARDIZE:
+                live_s = s_raw != -float("inf")
+                dsum = (sum_qg, dsum[1] + tl.sum(tl.where(live_s, q_c, 0.0), 0),
+                        dsum[2] + tl.sum(tl.where(live_s, q_c * s, 0.0), 0))
+            else:
+                dsum = (sum_qg, dsum[1], dsum[2])
+    return kl, zg, a, b, dsum
 
 
 @triton.jit
 def _pass_gradient(ref, offs, xf, y, g_row, norms, temps, weights, dec, sparse, tdl, shifts, zback, ce, row_out,
-                   zero, WRITE_GRAD: tl.constexpr, SUMS_DONE: tl.constexpr, USE_KD: tl.constexpr,
+                   llm, zero, WRITE_GRAD: tl.constexpr, SUMS_DONE: tl.constexpr, USE_KD: tl.constexpr,
                    WANT_DTEMP: tl.constexpr, USE_DEC: tl.constexpr, USE_CE: tl.constexpr, USE_DTKD: tl.constexpr,
                    USE_REL: tl.constexpr, REL_K: tl.constexpr, USE_TDL: tl.constexpr, STANDARDIZE: tl.constexpr,
                    USE_TSM: tl.constexpr, TSM_K: tl.constexpr, K_PAD: tl.constexpr, NEG_PAD: tl.constexpr,
-                   BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr):
+                   BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr, SOFTCAP_S: tl.constexpr,
+                   SOFTCAP_T: tl.constexpr, DIVERGENCE: tl.constexpr, TOPK_MODE: tl.constexpr,
+                   TOPK_NORM: tl.constexpr):
     """P6. Reads s̃, t̃ (last use). Consumes everything P3–P5 produced plus ``zback`` = (ḡ, Z's second-term
     coefficient, 1/σ', DTKD's argmax column and its extra gradient), ``ce`` = (CE weight, raw-logit
     state finished) and ``row_out`` = (row scale, ok, NaN): writes the gradient; returns the row's KL
-    sums when P5 did not run (``SUMS_DONE`` false)."""
+    sums when P5 did not run (``SUMS_DONE`` false). Softcap: the gradient w.r.t. the capped logit times
+    1 − tanh² = 1 − (s_capped/cap)² (0 on masked columns)."""
     g_bar, gz_coef, inv_s, v_arg, extra = zback
     ce_w, norm_raw = ce
     g_scale, row_ok, row_nan = row_out
@@ -781,10 +1065,11 @@ def _pass_gradient(ref, offs, xf, y, g_row, norms, temps, weights, dec, sparse, 
         else:
             start = (C - 1) // BLOCK_C * BLOCK_C - i
         cols = start + offs
-        s_raw, s, t = _load_block(ref, cols, xf, STANDARDIZE, USE_TSM, TSM_K, SINGLE_BLOCK, True, ACC)
-        g, kl_c, a_c, b_c = _column_terms(s, t, cols, y, norms, temps, weights, dec, sparse, tdl, shifts,
-                                          USE_KD, False, USE_DEC, USE_DTKD, USE_REL, REL_K, USE_TDL,
-                                          K_PAD, NEG_PAD, ACC)
+        s_raw, s, t = _load_block(ref, cols, xf, STANDARDIZE, USE_TSM, TSM_K, SINGLE_BLOCK, True, ACC, SOFTCAP_S,
+                                  SOFTCAP_T)
+        g, kl_c, a_c, b_c, dv = _column_terms(s, t, cols, y, norms, temps, weights, dec, sparse, tdl, shifts, llm,
+                                              USE_KD, False, USE_DEC, USE_DTKD, USE_REL, REL_K, USE_TDL,
+                                              K_PAD, NEG_PAD, ACC, DIVERGENCE, TOPK_MODE, TOPK_NORM)
         if not SUMS_DONE:
             kl = (kl[0] + tl.sum(kl_c[0], 0), kl[1] + tl.sum(kl_c[1], 0), kl[2] + tl.sum(kl_c[2], 0),
                   kl[3] + tl.sum(kl_c[3], 0))
@@ -794,6 +1079,9 @@ def _pass_gradient(ref, offs, xf, y, g_row, norms, temps, weights, dec, sparse, 
             g = tl.where(s_raw != -float("inf"), (g - g_bar) * inv_s - gz_coef * s, 0.0)
         if USE_CE:
             g += ce_w * (tl.exp(log_prob(s_raw, norm_raw, 1.0)) - tl.where(cols == y, 1.0, 0.0))
+        if SOFTCAP_S:
+            th = s_raw / ref[5]
+            g = tl.where(s_raw == -float("inf"), 0.0, g * (1.0 - th * th))
         # NaN rows: NaN; empty rows: 0 (their g may hold −inf − (−inf))
         g = tl.where(row_ok, g * g_scale, tl.where(row_nan, float("nan"), 0.0))
         if WRITE_GRAD:
@@ -995,6 +1283,15 @@ def kernel_flags(p: dict, *, learnable: bool, has_labels: bool, temp_is_tensor: 
     tdl_k = p["tdl_k"] if p["use_tdl"] else 1
     block, single, _ = block_config(C)
     standardize, use_dtkd = bool(p["standardize"]), p["dtkd_weight"] != 0
+    use_kd = p["kd_weight"] != 0
+    # the LLM family: all off (code 0 / False) unless used, so other presets compile exactly as before
+    divergence = int(p["divergence"]) if use_kd else 0
+    topk_mode = int(p["topk_mode"]) if use_kd else 0
+    if topk_mode not in (0, TOPK_MODES["dense"]):
+        raise NotImplementedError("kdkernels triton: the dense engine kernel takes dense teacher logits; a sparse "
+                                  "teacher goes through kdkernels._triton.sparse")
+    topk_k = int(p["topk_k"]) if topk_mode else 1
+    dense_div = divergence != 0 and not topk_mode  # needs Σqg over the row before the gradient (P5)
     return dict(
         HAS_LABELS=has_labels, TEMP_IS_TENSOR=temp_is_tensor, HAS_GFACTOR=has_gfactor,
         WRITE_GRAD=write_grad, WANT_DTEMP=learnable, REDUCTION=int(p["reduction"]),
@@ -1003,11 +1300,13 @@ def kernel_flags(p: dict, *, learnable: bool, has_labels: bool, temp_is_tensor: 
         USE_DEC=bool(p["use_decoupled"]), ADAPTIVE=bool(p["use_decoupled"] and p["adaptive_tckd"]),
         USE_DTKD=use_dtkd, USE_REL=bool(p["use_relation"]), REL_K=rel_k,
         RANK_BY_TEACHER=bool(p["use_relation"] and p["rank_by_teacher"]), USE_TDL=bool(p["use_tdl"]),
-        TDL_K=tdl_k, K_PAD=_next_pow2(max(tsm_k, rel_k, tdl_k, 2)), NEG_PAD=_next_pow2(max(2 * tdl_k, 2)),
-        NEED_SUMS=(write_grad and (standardize or use_dtkd)) or learnable,
+        TDL_K=tdl_k, K_PAD=_next_pow2(max(tsm_k, rel_k, tdl_k, topk_k, 2)), NEG_PAD=_next_pow2(max(2 * tdl_k, 2)),
+        NEED_SUMS=(write_grad and (standardize or use_dtkd or dense_div)) or learnable,
         BLOCK_C=block, SINGLE_BLOCK=single,
         ACC=tl.float64 if dtype == torch.float64 else tl.float32, VEC=vec,
         BATCH_BLOCK=_overrides["batch_block"] or BATCH_BLOCK,
+        DIVERGENCE=divergence, SOFTCAP_S=p["softcap_s"] != 0, SOFTCAP_T=p["softcap_t"] != 0,
+        TOPK_MODE=topk_mode, TOPK_K=topk_k, TOPK_NORM=int(p["topk_norm"]) if topk_mode else 0,
     )
 
 
@@ -1150,6 +1449,9 @@ class TritonLauncher:
         return counter
 
     def forward(self, s, t, labels, temperature, spec, grad, grad_factor):
+        if isinstance(t, SparseTeacher):
+            from .sparse import sparse_forward
+            return sparse_forward(self, s, t, labels, temperature, spec, grad, grad_factor)
         floats, ints = spec.pack()
         acc = acc_dtype(s.dtype)
         if grad_factor is not None and not isinstance(grad_factor, torch.Tensor):

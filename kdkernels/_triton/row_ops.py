@@ -8,7 +8,8 @@
   extraction of the best candidate while it beats the list's worst; order is (key desc, index asc), so
   ties go to the lower index. Slots beyond ``K`` are *locked* (key ``+inf``, index ``-1``) and never
   replaced; ``ranks`` gives each slot its rank in that order (locked slots first);
-* scalar extraction from a small register vector, and the log-space Bernoulli KL of LDRLD's pairs.
+* scalar extraction from a small register vector, and the log-space Bernoulli KL of LDRLD's pairs;
+* Gemma's logit softcap ``c·tanh(x/c)``.
 """
 import triton
 import triton.language as tl
@@ -147,3 +148,14 @@ def bernoulli_kl(d_t, d_s):
     a = tl.where(p1 > 0, p1 * (lp1 - log_sigmoid(d_s)), 0.0)
     b = tl.where(p0 > 0, p0 * (lp0 - log_sigmoid(-d_s)), 0.0)
     return a + b
+
+
+@triton.jit
+def softcap(x, cap):
+    """``cap·tanh(x/cap)`` (``cap`` > 0, a scalar of x's dtype); ±inf stay ±inf (a masked class stays
+    masked, +inf keeps making its row NaN) and NaN stays NaN. tanh from one exp of −2|x|/cap (the
+    interpreter has no libdevice): exact to a few ulps of ``cap`` in absolute terms, which is what the
+    softmaxes see; the derivative is ``1 − (softcap(x)/cap)²``, as autograd's tanh backward."""
+    e = tl.exp(-2.0 * tl.abs(x) / cap)
+    th = cap * ((1.0 - e) / (1.0 + e))
+    return tl.where(tl.abs(x) == float("inf"), x, tl.where(x < 0, -th, th))
