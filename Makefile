@@ -1,6 +1,6 @@
 # Commands for a newcomer (README.md, "Quick start"):
 #   make demo       — run every loss on an example batch with each available backend (the main job)
-#   make test       — the whole test suite (what CI runs; 25 min on a 2-core machine)
+#   make test       — the whole test suite (what CI runs; about 15 min on an idle 2-core machine)
 #   make test-fast  — without the tests marked `slow` (tests/conftest.py): 2 min of CPU time, run it
 #                     before pushing
 # They create $(VENV) when it is absent, install the dependencies into it and the package in editable
