@@ -35,7 +35,6 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import reference
 from .dispatch import load_launcher, resolve
 from .spec import LogitDistill, SparseTeacher, coerce_softcap
 from .validation import (check_label_values, check_mode, check_sparse_values, flatten_labels, flatten_sparse,
@@ -109,7 +108,7 @@ class _Problem(NamedTuple):
     sparse_gather: bool          # sparse renorm without CE: student logits at the K ids only
 
 
-def _teacher_chunk(teacher, rows: slice, dtype):
+def _teacher_chunk(teacher, rows: slice):
     if isinstance(teacher, SparseTeacher):
         return SparseTeacher(teacher.ids[rows], teacher.logprobs[rows], teacher.normalize)
     if isinstance(teacher, TeacherHidden):
@@ -161,7 +160,7 @@ def _chunk_pass(prob: _Problem, launcher, packed, grad_factor, want_grad: bool):
         if prob.sparse_gather:
             z, teacher, safe, w_rows = _gathered_chunk(prob, rows)
         else:
-            z, teacher = _linear(h_c, W, b), _teacher_chunk(prob.teacher, rows, h.dtype)
+            z, teacher = _linear(h_c, W, b), _teacher_chunk(prob.teacher, rows)
         # the logits keep the model's rounding (a bf16 matmul gives bf16 logits); the buffer that becomes
         # their gradient is float32 (float64), so the weight gradient sums unrounded chunk gradients
         z = z.to(acc).contiguous()

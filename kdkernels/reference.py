@@ -74,13 +74,6 @@ def scaled(x: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
     return torch.where(live, torch.where(live, x, torch.zeros_like(x)) / T, torch.full_like(x, -math.inf))
 
 
-def scaled(x: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
-    """x / T with masked (−inf) entries kept at −inf and out of the autograd graph: their derivative
-    w.r.t. a learnable or dynamic temperature (−x/T²) would be inf·0 = NaN otherwise."""
-    live = x != -math.inf
-    return torch.where(live, torch.where(live, x, torch.zeros_like(x)) / T, torch.full_like(x, -math.inf))
-
-
 def _log_softmax_masked(z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """log softmax over the classes where ``keep`` is True (others −inf): exact, no subtraction."""
     return torch.log_softmax(z.masked_fill(~keep, -math.inf), dim=-1)

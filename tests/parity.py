@@ -1,10 +1,13 @@
 """Shared pieces of the parity tests: the fused backends to test here, the presets, input builders and
 per-dtype tolerances. Every fused backend is compared with the float64 reference on the same inputs."""
 import contextlib
+import math
 import os
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdkernels as kdk
 from kdkernels.dispatch import unavailable_reason
@@ -117,3 +120,26 @@ def sparse_teacher(gen, N, C, K, normalize, *, dtype=torch.float32, pad=1, rando
         ids[0, K - pad:] = -1
         logprobs[0, K - pad:] = 0.0
     return kdk.SparseTeacher(ids.to(ids_dtype).to(DEVICE), logprobs.to(dtype).to(DEVICE), normalize)
+
+
+class Allocations(TorchDispatchMode):
+    """The shapes of the tensors the ops inside the block allocate: an output that is a view, or that shares
+    an input's storage (an in-place op), allocates nothing and is not recorded."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {x.untyped_storage().data_ptr() for x in pytree.tree_leaves((args, kwargs))
+                  if isinstance(x, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            self.shapes += [tuple(x.shape) for x in pytree.tree_leaves(out)
+                            if isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() not in inputs]
+        return out
+
+    @property
+    def largest(self) -> int:
+        """Elements of the largest allocation (0 when there was none)."""
+        return max((math.prod(shape) for shape in self.shapes), default=0)

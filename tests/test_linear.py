@@ -2,15 +2,13 @@
 ``logit_distill(F.linear(...))`` in value and in the three gradients for every teacher form × a
 representative set of specs × dtypes; uneven chunks; the largest allocation; autocast; tied weights;
 torch.compile across the call."""
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdkernels as kdk
-from parity import DEVICE, FUSED
+from parity import DEVICE, FUSED, Allocations
 
 pytestmark = pytest.mark.skipif(not FUSED, reason=f"no fused backend can run on {DEVICE} here")
 
@@ -150,23 +148,6 @@ def test_leading_dims_no_bias_and_chunk_choices(backend, gen):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
 
-class _Largest(TorchDispatchMode):
-    """The largest tensor an op allocates (outputs that are views of an input's storage are not counted)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        inputs = {x.untyped_storage().data_ptr() for x in torch.utils._pytree.tree_leaves((args, kwargs))
-                  if isinstance(x, torch.Tensor)}
-        out = func(*args, **(kwargs or {}))
-        for x in torch.utils._pytree.tree_leaves(out):
-            if isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() not in inputs:
-                self.largest = max(self.largest, x.numel())
-        return out
-
-
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("form", ["logits", "hidden", "sparse_renorm"])
 def test_largest_allocation_is_a_chunk_not_n_by_v(backend, form, gen):
@@ -179,7 +160,7 @@ def test_largest_allocation_is_a_chunk_not_n_by_v(backend, form, gen):
     else:
         teacher = _teacher(form, gen, h, W, V, torch.float32)
     hh, WW, bb = (x.clone().requires_grad_(True) for x in (h, W, b))
-    with _Largest() as rec:
+    with Allocations() as rec:
         loss = kdk.fused_linear_distill(hh, WW, teacher, y, kdk.LogitDistill(temperature=1.0), student_bias=bb,
                                         chunk_size=chunk, backend=backend)
         loss.backward()

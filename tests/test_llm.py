@@ -8,10 +8,9 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdkernels as kdk
-from parity import DEVICE, FUSED, TOL, assert_close, make_inputs, sparse_teacher
+from parity import DEVICE, FUSED, Allocations, assert_close, make_inputs, sparse_teacher
 
 pytestmark = pytest.mark.skipif(not FUSED, reason=f"no fused backend can run on {DEVICE} here")
 
@@ -196,23 +195,6 @@ def test_gradcheck_float64(backend, case, gen):
                                         eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
-class _Allocations(TorchDispatchMode):
-    """Records the shape of every tensor an op allocates (views are not counted)."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.is_view:  # a view allocates nothing
-            return out
-        for x in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(x, torch.Tensor):
-                self.shapes.append(tuple(x.shape))
-        return out
-
-
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("norm", NORMALIZATIONS)
 def test_sparse_path_allocates_no_dense_teacher(backend, norm, gen):
@@ -222,7 +204,7 @@ def test_sparse_path_allocates_no_dense_teacher(backend, norm, gen):
     teacher = sparse_teacher(gen, N, V, 5, norm, dtype=torch.float32)
     x = s.clone().requires_grad_(True)
     spec = kdk.LogitDistill(temperature=1.0)
-    with _Allocations() as rec:
+    with Allocations() as rec:
         loss = kdk.logit_distill(x, teacher, y, spec, backend=backend)
         loss.backward()
     dense = [shape for shape in rec.shapes if len(shape) >= 2 and shape[-1] == V]

@@ -12,11 +12,10 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdkernels as kdk
 from kdkernels.dispatch import unavailable_reason
-from parity import DEVICE, TOL, assert_close, sparse_teacher
+from parity import DEVICE, TOL, Allocations, assert_close, sparse_teacher
 
 pytestmark = pytest.mark.skipif(unavailable_reason("triton", DEVICE) is not None,
                                 reason=f"Triton cannot run on {DEVICE} here")
@@ -285,22 +284,6 @@ def test_renorm_reads_only_the_support_of_the_student(write_grad, gen):
     assert counts[0] >= (N - 1) * C * (2 if write_grad else 1)
 
 
-class _Allocations(TorchDispatchMode):
-    """The shapes of the tensors every (non-view) op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not func.is_view:
-            for x in (out if isinstance(out, (tuple, list)) else (out,)):
-                if isinstance(x, torch.Tensor):
-                    self.shapes.append(tuple(x.shape))
-        return out
-
-
 @pytest.mark.parametrize("norm", NORMALIZATIONS)
 def test_no_dense_teacher_is_allocated(norm, gen):
     """The only [N, V] buffer of a fwd+bwd call is the gradient."""
@@ -308,7 +291,7 @@ def test_no_dense_teacher_is_allocated(norm, gen):
     s, y = student_of(gen, N, V, torch.float32)
     teacher = sparse_teacher(gen, N, V, 5, norm)
     x = s.clone().requires_grad_(True)
-    with _Allocations() as rec:
+    with Allocations() as rec:
         kdk.logit_distill(x, teacher, y, spec_for(norm, ce_weight=0.1), backend="triton").backward()
     dense = [shape for shape in rec.shapes if len(shape) >= 2 and shape[-1] == V]
     assert len(dense) == 1, dense
