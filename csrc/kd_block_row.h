@@ -3,13 +3,15 @@
 //
 // The launch (kd_launch.h has the contract): a one-block prologue counts the valid rows and zeroes the
 // ticket (KdScratch); then one block per row runs distill_row over a StreamView (or, for plain-KD specs
-// on aligned rows, the two-pass specialisation of kd_row_kd.h), writes loss_weight·ℓ_n
+// on aligned rows, the two-pass specialisation of kd_row_kd.h; for a sparse teacher, over a SparseStreamView
+// after the block has sorted the row's slots: kd_sparse_view.h), writes loss_weight·ℓ_n
 // and r·∂ℓ_n/∂T_n, and — for sum / batchmean — the last block to finish (ticket) sums the row losses in a
 // fixed order (reduce_rows), so the scalar is deterministic and no host sync is needed.
 #pragma once
 
 #include "kd_launch.h"
 #include "kd_row_kd.h"
+#include "kd_sparse_view.h"
 #include "kd_stream_view.h"
 
 namespace kd {
@@ -25,7 +27,7 @@ KD_FN RowIO<A> row_io(const KdLaunch& L, int64_t n, A rscale) {
                        : static_cast<A>(L.params.temperature);
   io.want_grad = L.grad != nullptr;
   io.want_dtemp = L.dtemp != nullptr;
-  io.bad_teacher = false;  // (the block engine refuses sparse teachers: kd_torch_args.h)
+  io.bad_teacher = false;  // (a sparse teacher's row sets it after its load: run_block_row_sparse)
   io.grad_scale = row_factor<A>(L, n) * rscale;
   io.loss = io.dtemp = A(0);
   return io;
@@ -50,6 +52,22 @@ KD_FN void run_block_row(const Exec& ex, RowShared<A>& sh, const KdLaunch& L, in
   const A rscale = reduction_scale<A>(L.params, count);
   RowIO<A> io = row_io<A>(L, n, rscale);
   distill_row<kTopK>(ex, v, sh, L.params, io);
+  if (ex.leader()) store_row(L, n, rscale, io);
+}
+
+//: row n of L against a sparse teacher (L.t_ids: ids + log-probabilities [N, K]): the block sorts the
+//: row's K slots into `tab` (an id ≥ C makes the row NaN), then distill_row over a SparseStreamView
+//: (a sparse teacher takes no top-k term: the engine without its top-k machinery)
+template <class S, class A, class Cvt, class Exec>
+KD_FN void run_block_row_sparse(const Exec& ex, RowShared<A>& sh, SparseTable<A>& tab, const KdLaunch& L,
+                                int64_t n, unsigned long long count) {
+  const A rscale = reduction_scale<A>(L.params, count);
+  RowIO<A> io = row_io<A>(L, n, rscale);
+  io.bad_teacher = !load_sparse_row<A, Cvt>(ex, tab, L, n);
+  SparseStreamView<S, A, Cvt> v;
+  v.init_sparse(static_cast<const S*>(L.s) + n * L.s_ld, L.grad ? static_cast<S*>(L.grad) + n * L.g_ld : nullptr,
+                static_cast<A>(L.params.softcap_s), &tab, sparse_span(L.K));
+  distill_row<false>(ex, v, sh, L.params, io);
   if (ex.leader()) store_row(L, n, rscale, io);
 }
 

@@ -33,8 +33,9 @@
 //           log q_tail = LSE_{∉S}(s̃/T) − LSE(s̃/T) by masking, p_tail likewise for a dense teacher or
 //           1 − Σ exp(logprob) by expm1 for a sparse one; c ∉ S gets extra_c = q_c/q_tail·qg_tail). S is the
 //           teacher's top-k (P2, ties to the lower index) or a sparse teacher's valid ids (the CPU twin
-//           scatters the K slots into a −inf row and a membership row: exact masking; the CUDA engine
-//           refuses sparse teachers). A masked student class (−inf) gets no KD gradient.
+//           scatters the K slots into a −inf row and a membership row; the CUDA engine sorts them into
+//           shared memory and finds each column by binary search, kd_sparse_view.h: exact masking either
+//           way). A masked student class (−inf) gets no KD gradient.
 // Softcap (softcap_s / softcap_t > 0): x ← c·tanh(x/c) on the raw logits at the load (the View), before
 // everything else (CE included); the View's `write` multiplies the gradient by sech²(x/c).
 // then through Z (§3, finite entries only, n of them):  ∂/∂s = (g − ḡ)/σ' − (Σ g·s̃)·s̃/((n − 1)·σ)
@@ -209,7 +210,7 @@ KD_FN void p1_tsm(const Exec& ex, View& v, RowShared<A>& sh, const KdParams& P, 
 }
 
 //: c is in the support S of a top-k teacher (b = t'_c): the dense top-k of t' (topk_mode 1), or a sparse
-//: teacher's valid ids (topk_mode 2, from the View's membership; only the CPU twin's view carries one)
+//: teacher's valid ids (topk_mode 2, from the View's membership: the CPU twin's BufView, SparseStreamView)
 template <class View, class A>
 KD_FN bool in_support(const View& v, const RowShared<A>& sh, const RowState<A>& rs, int c, A b) {
   if (rs.mode == kTopkDense) return sh.topk.contains(b, c);

@@ -54,7 +54,7 @@ struct StreamView {
     const A x = Cvt::template to_acc<A>(tp[c]);
     return cap_t != A(0) ? ksoftcap(x, cap_t) : x;
   }
-  //: the block engine takes no sparse teacher (no support membership)
+  //: a dense teacher has no sparse support (a sparse one: SparseStreamView, kd_sparse_view.h)
   KD_FN bool member(int) const { return false; }
   KD_FN A s(int c) const {
     const A x = s_raw(c);

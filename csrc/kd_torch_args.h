@@ -193,17 +193,12 @@ inline LaunchTensors make_launch(const at::Tensor& s, const at::Tensor& t, const
   return out;
 }
 
-//: the CUDA engine (and its simulator) takes dense teachers only
-inline void check_block_engine_dense(const c10::optional<at::Tensor>& teacher_ids) {
-  TORCH_CHECK(!teacher_ids.has_value(),
-              "kdkernels: the CUDA fallback does not support a SparseTeacher (ids + log-probabilities); use "
-              "backend='triton' on the GPU, or backend='cpu'");
-}
-
 //: the dtype pairs of the CUDA engine (and its simulator): any of float32/float16/bfloat16 for s and t,
-//: or float64 for both
-inline void check_block_engine_dtypes(const at::Tensor& s, const at::Tensor& t) {
-  TORCH_CHECK((s.scalar_type() == at::kDouble) == (t.scalar_type() == at::kDouble),
+//: or float64 for both; a sparse teacher's log-probabilities (teacher_ids given) may have any float dtype
+//: with any student (they are read once per row, into the accumulation dtype)
+inline void check_block_engine_dtypes(const at::Tensor& s, const at::Tensor& t,
+                                      const c10::optional<at::Tensor>& teacher_ids) {
+  TORCH_CHECK(teacher_ids.has_value() || (s.scalar_type() == at::kDouble) == (t.scalar_type() == at::kDouble),
               "kdkernels: the CUDA engine takes float64 logits only with float64 on both sides, got s ",
               s.scalar_type(), " and t ", t.scalar_type());
 }

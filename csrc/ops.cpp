@@ -7,8 +7,7 @@
 //       taken from labels inside the op); `grad` (mutated, declared Tensor(a!), version bumped; may alias
 //       s for inplace) receives grad_factor·∂loss/∂s; dtemp is ∂loss/∂T_n [N] when want_dtemp, else [0].
 //       s and t may have different floating dtypes. A sparse teacher (topk_mode 2): teacher_ids [N, K]
-//       int32 / int64 (< 0 padding) with t its log-probabilities [N, K] (CPU only: the CUDA fallback
-//       refuses it).
+//       int32 / int64 (< 0 padding) with t its log-probabilities [N, K] (any float dtype; both engines).
 //   kdkernels::scale_rows_(grad, factor) -> ()
 //       grad[n, :] *= factor[n], skipping rows whose factor is exactly 1.0 (read on the device).
 //   kdkernels::_logit_distill_fwd_sim(..., lanes) — test-only: the CUDA engine's code path on CPU
@@ -53,10 +52,9 @@ std::tuple<at::Tensor, at::Tensor> logit_distill_fwd_sim(
     const c10::optional<at::Tensor>& grad, const c10::optional<at::Tensor>& grad_factor, bool want_dtemp,
     int64_t lanes, const c10::optional<at::Tensor>& teacher_ids) {
   TORCH_CHECK(lanes >= 1 && lanes <= 64, "kdkernels: lanes must be in [1, 64]");
-  check_block_engine_dense(teacher_ids);
-  check_block_engine_dtypes(s, t);
+  check_block_engine_dtypes(s, t, teacher_ids);
   LaunchTensors lt = make_launch(s, t, labels, temperature, fparams, iparams, grad, grad_factor, want_dtemp,
-                                 /*device_scratch=*/true);
+                                 /*device_scratch=*/true, teacher_ids);
   if (lt.launch.N > 0) {
     sim_forward(lt.launch, static_cast<int>(lanes));
   } else if (lt.launch.params.reduction != kReduceNone) {

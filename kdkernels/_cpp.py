@@ -13,8 +13,8 @@ Both implement the launcher contract of :mod:`kdkernels.engine` (``contract = 2`
 The student and the teacher may have different floating dtypes (each is loaded in its own dtype; the
 CUDA engine pairs any of float32/float16/bfloat16, float64 only with float64). The teacher may be a
 :class:`~kdkernels.spec.SparseTeacher` (its ``ids`` [N, K] int32/int64 go to the op's ``teacher_ids``, its
-``logprobs`` [N, K] take the place of ``t``): the CPU twin computes it; the CUDA fallback (and its
-simulator) raise for it.
+``logprobs`` [N, K] take the place of ``t``, in any float dtype): both engines compute it (the CUDA
+fallback, and its simulator, sort each row's K slots in shared memory and find each class by binary search).
 
 Their fake (meta) kernels are registered here, so the ops trace under ``torch.compile``; the C++ library
 points torch at this module (``set_python_module``) for them.

@@ -6,10 +6,13 @@ on the CPU twin (``backend="cpu"``) and on the CUDA engine's code path run by th
 * dense top-k k = 3 × {renorm, tail, teacher} × {forward_kl, jsd, reverse_kl};
 * sparse teachers K = 5 (ids at the teacher's top-K or spread at random, padding slots holding garbage,
   int32 and int64 ids, logprobs a true log_softmax of a random teacher) × {renorm, tail, teacher}; rows
-  with an id ≥ C are NaN, rows with only padding are 0 (renorm) or all tail mass (tail);
+  with an id ≥ C are NaN, rows with only padding are 0 (renorm) or all tail mass (tail) — on the CPU twin
+  and on the simulated CUDA engine (which sorts the K slots per row in shared memory), the latter also at
+  1, 3 and 32 lanes, K = 1 and K = C, streamed rows, duplicate ids (as the CPU twin: the last slot wins),
+  and reductions sum / batchmean;
 * student ≈ teacher in bf16: the gradient stays within 1e-2 of max|grad|;
 * float64 gradcheck through the autograd Function, reductions, N = 1, inplace, mixed dtypes, opcheck of
-  the op with ``teacher_ids``; the simulator for dense specs (and its clear error for sparse teachers).
+  the op with ``teacher_ids``; the simulator for dense specs.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import torch
 
 import kdkernels as kdk
 from kdkernels.dispatch import unavailable_reason
-from kdkernels.spec import SparseTeacher
+from kdkernels.spec import MAX_SPARSE_K, SparseTeacher
 
 from parity import TOL, assert_close, make_inputs, reference64, run
 
@@ -37,6 +40,9 @@ DIVERGENCES = {
     "skew_rkl": kdk.SkewRKL(0.2),
 }
 NORMS = ("renorm", "tail", "teacher")
+#: where the C++ engine runs: the CPU twin ("cpu", through the public API) or the CUDA engine's code path
+#: on the host block simulator ("sim", 4 lanes)
+LAUNCHERS = ("cpu", "sim")
 SOFTCAP = (5.0, 3.0)
 
 
@@ -51,11 +57,22 @@ def _sim(lanes=4):
     return SimulatedCudaLauncher(lanes)
 
 
+def _launcher(name, lanes=4):
+    """The launcher named in LAUNCHERS: None for the CPU twin (see run_on), else the block simulator."""
+    return None if name == "cpu" else _sim(lanes)
+
+
+def run_on(s, t, y, spec, launcher):
+    """(per-row losses, gradient) of the CPU twin through the public API (launcher None) or of a launcher."""
+    spec = spec.replace(reduction="none")
+    return run(s, t, y, spec, "cpu") if launcher is None else run_launcher(s, t, y, spec, launcher)
+
+
 def check(s, t, y, spec, dtype, what, launcher=None):
     """Per-row losses (reduction none) and the gradient of the CPU twin (through the public API) or of a
     launcher, against the float64 reference on the same inputs."""
     spec = spec.replace(reduction="none")
-    got = run(s, t, y, spec, "cpu") if launcher is None else run_launcher(s, t, y, spec, launcher)
+    got = run_on(s, t, y, spec, launcher)
     want = sparse_reference64(s, t, y, spec) if isinstance(t, SparseTeacher) else reference64(s, t, y, spec)
     assert_close(got, want, dtype, what)
 
@@ -219,8 +236,9 @@ def _sparse_cases():
                 yield pytest.param(norm, name, dtype, id=f"{norm}-{name}-{DT_ID[dtype]}")
 
 
+@pytest.mark.parametrize("launcher", LAUNCHERS)
 @pytest.mark.parametrize("norm,name,dtype", list(_sparse_cases()))
-def test_sparse_teacher_matches_reference(norm, name, dtype, gen):
+def test_sparse_teacher_matches_reference(norm, name, dtype, launcher, gen):
     T = 1.0 if norm == "tail" else 2.0
     for C, spread, ids_dtype in ((10, False, torch.int64), (100, True, torch.int32), (1000, False, torch.int32)):
         s, t, y = make_inputs(gen, 6, C, dtype)
@@ -228,11 +246,12 @@ def test_sparse_teacher_matches_reference(norm, name, dtype, gen):
         for spec in (kdk.LogitDistill(temperature=T, divergence=DIVERGENCES[name]),
                      kdk.LogitDistill(temperature=T, divergence=DIVERGENCES[name], ce_weight=0.5,
                                       softcap=(SOFTCAP[0], None))):
-            check(s, teacher, y, spec, dtype, f"cpu sparse {norm} {name} C={C}")
+            check(s, teacher, y, spec, dtype, f"{launcher} sparse {norm} {name} C={C}", _launcher(launcher))
 
 
+@pytest.mark.parametrize("launcher", LAUNCHERS)
 @pytest.mark.parametrize("norm", NORMS)
-def test_sparse_teacher_row_semantics(norm, gen):
+def test_sparse_teacher_row_semantics(norm, launcher, gen):
     """An id ≥ C makes its row NaN (loss and gradient) unless the row is ignored; a row of padding only is
     0 for renorm / teacher (a fully masked teacher) and all tail mass for tail; the student's masked
     classes and an fp32 teacher under a bf16 student."""
@@ -245,7 +264,7 @@ def test_sparse_teacher_row_semantics(norm, gen):
     ids[3] = -1                # padding only
     teacher = SparseTeacher(ids, teacher.logprobs, norm)
     spec = kdk.LogitDistill(temperature=1.0, ce_weight=0.5, reduction="none")
-    loss, grad = run(s, teacher, y, spec, "cpu")
+    loss, grad = run_on(s, teacher, y, spec, _launcher(launcher))
     loss_r, grad_r = sparse_reference64(s, teacher, y, spec)
     assert torch.isnan(loss[0]) and torch.isnan(grad[0]).all()
     assert loss[1] == 0 and (grad[1] == 0).all()
@@ -260,10 +279,11 @@ def test_sparse_teacher_row_semantics(norm, gen):
     rows = [2, 4]
     s16 = s[rows].bfloat16()
     t32 = SparseTeacher(teacher.ids[rows], teacher.logprobs[rows].float(), norm)
-    check(s16, t32, y[rows], spec, torch.bfloat16, "mixed")
+    check(s16, t32, y[rows], spec, torch.bfloat16, "mixed", _launcher(launcher))
 
 
-def test_sparse_tail_at_the_teacher_mass_limits(gen):
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_sparse_tail_at_the_teacher_mass_limits(launcher, gen):
     """Stored log-probabilities of (nearly) the whole vocabulary: one class missing (its mass is the tail),
     a mass slightly above 1 (p_tail clamped to 0; the student's complement is empty too), two missing."""
     C, K = 8, 8
@@ -276,7 +296,7 @@ def test_sparse_tail_at_the_teacher_mass_limits(gen):
     teacher = SparseTeacher(ids, lp, "tail")
     for name in ("forward_kl", "jsd"):
         spec = kdk.LogitDistill(temperature=1.0, divergence=DIVERGENCES[name])
-        check(s, teacher, None, spec, torch.float64, f"tail limits {name}")
+        check(s, teacher, None, spec, torch.float64, f"{launcher} tail limits {name}", _launcher(launcher))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,11 +410,55 @@ def test_simulator_gradient_is_the_derivative(gen):
     assert (grad - fd).abs().max() <= 1e-6 * max(1.0, fd.abs().max().item())
 
 
-def test_simulator_refuses_sparse_teachers(gen):
-    s, t, y = make_inputs(gen, 3, 20, torch.float32)
-    teacher = sparse_teacher(gen, t, 4, "renorm")
-    with pytest.raises(RuntimeError, match="CUDA fallback does not support a SparseTeacher"):
-        run_launcher(s, teacher, y, kdk.LogitDistill(), _sim(2))
+@pytest.mark.parametrize("lanes", [1, 3, 32])
+def test_simulator_sparse_lanes_and_support_sizes(lanes, gen):
+    """The block's slot sort and column search at 1 (serial), 3 (uneven) and 32 lanes: K = 1, K = 5 with
+    int32 ids, K = C (every class stored, all valid), on rows several times longer than the block (each
+    lane visits many columns); each normalisation, with CE + softcap, in fp32 against the reference."""
+    T = {"renorm": 2.0, "tail": 1.0, "teacher": 2.0}
+    for C, K, ids_dtype in ((200, 1, torch.int64), (200, 5, torch.int32), (64, 64, torch.int64),
+                            (1030, MAX_SPARSE_K, torch.int32)):
+        s, t, y = make_inputs(gen, 3, C, torch.float32)
+        for norm in NORMS:
+            teacher = sparse_teacher(gen, t, K, norm, spread=True, pad=1 < K < C, ids_dtype=ids_dtype)
+            spec = kdk.LogitDistill(temperature=T[norm], ce_weight=0.5, softcap=(SOFTCAP[0], None),
+                                    divergence=DIVERGENCES["jsd" if norm != "teacher" else "forward_kl"])
+            check(s, teacher, y, spec, torch.float32, f"sim lanes={lanes} {norm} C={C} K={K}", _sim(lanes))
+
+
+def test_simulator_sparse_duplicates_and_slot_order(gen):
+    """Ids in any slot order (the sort is by id, ties by slot) give the same numbers; a duplicate id (invalid
+    input) resolves as in the CPU twin: the last slot's log-probability wins (the reference, which treats
+    each slot as an outcome, is not the yardstick for it)."""
+    C, K = 40, 6
+    s, t, y = make_inputs(gen, 4, C, torch.float64, masked=False)
+    for norm in NORMS:
+        teacher = sparse_teacher(gen, t, K, norm, spread=True)
+        perm = torch.randperm(K, generator=gen)
+        shuffled = SparseTeacher(teacher.ids[:, perm], teacher.logprobs[:, perm], norm)
+        spec = kdk.LogitDistill(temperature=1.0, ce_weight=0.5)
+        want = run_on(s, teacher, y, spec, _sim(3))
+        got = run_on(s, shuffled, y, spec, _sim(3))
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
+        ids = teacher.ids.clone()
+        ids[:, 3] = ids[:, 1]  # slot 3 repeats slot 1's id (row 0's last slot stays padding)
+        dup = SparseTeacher(ids, teacher.logprobs, norm)
+        cpu, sim = run_on(s, dup, y, spec, None), run_on(s, dup, y, spec, _sim(3))
+        torch.testing.assert_close(sim, cpu, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "batchmean"])
+def test_simulator_sparse_reductions(reduction, gen):
+    """The sparse launch's scalar (the last block's fixed-order sum; batchmean's count skips the ignored
+    row) and its gradient, against the reference, for bf16 logits with fp32 log-probabilities and fp64."""
+    for dtype in (torch.float64, torch.bfloat16):
+        s, t, y = make_inputs(gen, 5, 30, dtype)
+        teacher = sparse_teacher(gen, t, 5, "renorm", lp_dtype=torch.float32)
+        spec = kdk.LogitDistill(temperature=2.0, divergence=DIVERGENCES["reverse_kl"], ce_weight=0.5,
+                                softcap=(SOFTCAP[0], None), reduction=reduction, loss_weight=0.75)
+        grad = torch.empty_like(s)
+        loss, _ = _sim(4).forward(s, teacher, y, None, spec.packed(("renorm", 5)), grad, None)
+        assert_close((loss, grad), sparse_reference64(s, teacher, y, spec), dtype, f"sim sparse {reduction}")
 
 
 # ---------------------------------------------------------------------------------------------

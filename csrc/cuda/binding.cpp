@@ -20,11 +20,10 @@ std::tuple<at::Tensor, at::Tensor> logit_distill_fwd_cuda(
     const c10::optional<at::Tensor>& grad, const c10::optional<at::Tensor>& grad_factor, bool want_dtemp,
     const c10::optional<at::Tensor>& teacher_ids) {
   TORCH_CHECK(s.is_cuda(), "kdkernels: the CUDA kernel needs CUDA tensors");
-  check_block_engine_dense(teacher_ids);
-  check_block_engine_dtypes(s, t);
+  check_block_engine_dtypes(s, t, teacher_ids);
   const c10::cuda::CUDAGuard guard(s.device());
   LaunchTensors lt = make_launch(s, t, labels, temperature, fparams, iparams, grad, grad_factor, want_dtemp,
-                                 /*device_scratch=*/true);
+                                 /*device_scratch=*/true, teacher_ids);
   TORCH_CHECK(lt.launch.N <= INT_MAX, "kdkernels: the CUDA engine takes at most 2^31 - 1 rows per launch");
   if (lt.launch.N > 0) {
     check_cuda(cuda_forward(lt.launch, c10::cuda::getCurrentCUDAStream().stream()), "forward");

@@ -10,7 +10,9 @@
 //                               draws the last one sums all row losses in a fixed order (deterministic).
 // Reduction none skips the prologue: one kernel. The row kernel is forward_kd_kernel (kd_row_kd.h: two
 // passes, 16-byte loads, no top-k machinery) for plain-KD specs on aligned rows, else forward_kernel,
-// compiled without the top-k machinery for specs that select no top-k (DKD, AEKT, DTKD, standardize, CE).
+// compiled without the top-k machinery for specs that select no top-k (DKD, AEKT, DTKD, standardize, CE);
+// a sparse teacher (L.t_ids) runs forward_sparse_kernel (one instantiation per student dtype: its block
+// sorts the row's K slots into shared memory, kd_sparse_view.h, the log-probabilities in any dtype).
 //
 // Block size by row length: 32 threads up to C = 64, 128 up to 1024, 256 up to 16384, 512 beyond
 // (the row is streamed in strided column tiles; registers bound the block at 512 for the fp64 path).
@@ -93,6 +95,23 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kd_kernel(const KdLaunch 
   if (L.params.reduction != kReduceNone) reduce_if_last<A>(ex, L, count);
 }
 
+//: a sparse teacher's rows: the block's shared memory adds the row's sorted SparseTable to RowShared
+//: (static: fp64 about 27 KB, under the 48 KB static limit)
+template <class A>
+struct SparseRowShared {
+  RowShared<A> row;
+  SparseTable<A> table;
+};
+
+template <class S, class A>
+__global__ void __launch_bounds__(kMaxThreads) forward_sparse_kernel(const KdLaunch L) {
+  __shared__ SparseRowShared<A> sh;
+  const unsigned long long count = launch_count(L);
+  const GpuExec<A> ex{&sh.row};
+  run_block_row_sparse<S, A, CudaCvt>(ex, sh.row, sh.table, L, blockIdx.x, count);
+  if (L.params.reduction != kReduceNone) reduce_if_last<A>(ex, L, count);
+}
+
 template <class scalar_t, class A, class factor_t>
 __global__ void scale_kernel(scalar_t* grad, int64_t C, int64_t ld, const factor_t* factor, int64_t fstride) {
   const int64_t n = blockIdx.x;
@@ -112,6 +131,24 @@ int launch_forward(const KdLaunch& L, cudaStream_t stream) {
   else if (needs_topk(L.params)) forward_kernel<S, Tt, A, true><<<grid, block, 0, stream>>>(L);
   else forward_kernel<S, Tt, A, false><<<grid, block, 0, stream>>>(L);
   return static_cast<int>(cudaGetLastError());
+}
+
+template <class S, class A>
+int launch_forward_sparse(const KdLaunch& L, cudaStream_t stream) {
+  if (L.params.reduction != kReduceNone) prepare_kernel<<<1, kPrepareThreads, 0, stream>>>(L);
+  forward_sparse_kernel<S, A><<<static_cast<unsigned>(L.N), block_threads(L.C), 0, stream>>>(L);
+  return static_cast<int>(cudaGetLastError());
+}
+
+//: a sparse teacher's launch, by the student's dtype
+int launch_sparse(const KdLaunch& L, cudaStream_t stream) {
+  switch (L.s_dtype) {
+    case KdDtype::f32: return launch_forward_sparse<float, float>(L, stream);
+    case KdDtype::f16: return launch_forward_sparse<__half, float>(L, stream);
+    case KdDtype::bf16: return launch_forward_sparse<__nv_bfloat16, float>(L, stream);
+    case KdDtype::f64: return launch_forward_sparse<double, double>(L, stream);
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
 }
 
 template <class S>
@@ -143,6 +180,7 @@ int launch_scale(void* grad, int64_t N, int64_t C, int64_t ld, const void* facto
 int cuda_forward(const KdLaunch& L, void* stream) {
   if (L.N == 0) return 0;
   auto st = static_cast<cudaStream_t>(stream);
+  if (L.t_ids != nullptr) return launch_sparse(L, st);
   switch (L.s_dtype) {
     case KdDtype::f32: return launch_forward_teacher<float>(L, st);
     case KdDtype::f16: return launch_forward_teacher<__half>(L, st);

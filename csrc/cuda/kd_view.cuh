@@ -12,6 +12,8 @@
 namespace kd {
 
 struct CudaCvt {
+  using Half = __half;  // the 16-bit storage types (../kd_sparse_view.h logprob_at)
+  using BFloat16 = __nv_bfloat16;
   template <class A>
   __device__ static A to_acc(float x) { return static_cast<A>(x); }
   template <class A>
