@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from . import reference
+from . import parallel, reference
 from .contrastive import info_nce
 from .dispatch import load_launcher, resolve, unavailable_reason
 from .engine import fused_logit_distill
@@ -25,17 +25,28 @@ from .validation import (check_logits, check_mode, check_sparse_values, check_va
 # the engine entry point
 # ---------------------------------------------------------------------------------------------
 def logit_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                  labels: Optional[torch.Tensor], spec: LogitDistill, *, backend: str = "auto") -> torch.Tensor:
+                  labels: Optional[torch.Tensor], spec: LogitDistill, *, backend: str = "auto",
+                  process_group=None, vocab_offset: Optional[int] = None,
+                  vocab_size: Optional[int] = None) -> torch.Tensor:
     """Evaluate a :class:`LogitDistill` spec on logits ``[..., C]`` (leading dims are rows).
 
     Returns a 0-dim loss (``batchmean``/``sum``) or the per-row losses shaped like the leading dims
     (``none``), multiplied by ``spec.loss_weight``. The student logits (and a learnable temperature)
     receive the fused gradient; teacher logits that require grad receive theirs from the reference
     formulas (online/mutual distillation; an extra eager evaluation, see the docs).
+
+    Tensor parallel (docs/tensor_parallel.md): with ``process_group`` (a ``torch.distributed`` group), or
+    with DTensor logits sharded on the class dim, the logits are this rank's vocabulary shard ``[..., V_r]``
+    (ranks in class order, shards of any width); labels and sparse-teacher ids stay global. The loss is
+    the unsharded one on every rank, each rank's gradient its slice of the unsharded gradient; only
+    per-row statistics cross ranks. ``vocab_offset``/``vocab_size``: this shard's first class and the
+    whole vocabulary (otherwise the shard widths are all-gathered once per group and cached).
     """
     if not isinstance(spec, LogitDistill):
         raise TypeError(f"spec must be a kdkernels.LogitDistill, got {type(spec).__name__}")
     s, t = student_logits, teacher_logits
+    if process_group is not None or vocab_offset is not None or parallel.is_dtensor(s) or parallel.is_dtensor(t):
+        return parallel.sharded_logit_distill(s, t, labels, spec, process_group, vocab_offset, vocab_size, backend)
     if isinstance(t, SparseTeacher):
         return _sparse_distill(s, t, labels, spec, backend)
     check_logits(s, t, mixed_dtypes=True)
@@ -217,6 +228,9 @@ _COMMON_ARGS = """
         backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
         check: validate label range and non-finite values (a device sync); default from
             ``KDKERNELS_CHECK``.
+        process_group: a ``torch.distributed`` group over which the logits' class dim is sharded
+            (tensor parallel: this rank's ``[..., V_r]`` columns; labels stay global), or None. DTensor
+            logits sharded on the class dim need none. docs/tensor_parallel.md.
 
     Shapes: logits ``[..., C]`` (same shape, same device, float32/bfloat16/float16/float64); the loss
     is float32 (float64 for float64 logits). Gradients flow to the student logits and a learnable
@@ -236,7 +250,7 @@ def _with_common_args(fn):
 def kd_loss(logits_student, logits_teacher, temperature=4.0, *, labels=None, ignore_index=-100,
             reduction="batchmean", standardize=False, ce_weight=0.0, teacher_topk_scale=None,
             divergence="forward_kl", teacher_topk=None, softcap=None,
-            backend="auto", check=None, inplace=False, loss_weight=1.0):
+            backend="auto", check=None, inplace=False, loss_weight=1.0, process_group=None):
     """Hinton KD: ``ℓ_n = T²·KL(softmax(t/T) ‖ softmax(s/T))`` [code: mdistiller ``kd_loss``].
 
     Equals mdistiller's ``kd_loss(logits_student, logits_teacher, temperature)`` (``batchmean``) and
@@ -259,13 +273,14 @@ def kd_loss(logits_student, logits_teacher, temperature=4.0, *, labels=None, ign
     spec = _spec(temperature, reduction, ignore_index, standardize, ce_weight, teacher_topk_scale,
                  check, inplace, loss_weight, kd_weight=1.0, divergence=divergence, teacher_topk=teacher_topk,
                  softcap=softcap)
-    return logit_distill(logits_student, logits_teacher, labels, spec, backend=backend)
+    return logit_distill(logits_student, logits_teacher, labels, spec, backend=backend,
+                         process_group=process_group)
 
 
 @_with_common_args
 def dkd_loss(logits_student, logits_teacher, labels, alpha=1.0, beta=8.0, temperature=4.0, *,
              ignore_index=-100, reduction="batchmean", standardize=False, ce_weight=0.0,
-             teacher_topk_scale=None, backend="auto", check=None, inplace=False, loss_weight=1.0):
+             teacher_topk_scale=None, backend="auto", check=None, inplace=False, loss_weight=1.0, process_group=None):
     """Decoupled KD: ``ℓ_n = α·TCKD_n + β·NCKD_n`` [code: mdistiller ``dkd_loss``].
 
     ``TCKD = T²·KL([p_y, 1 − p_y] ‖ [q_y, 1 − q_y])`` (target vs. non-targets), ``NCKD = T²·KL`` of the
@@ -282,13 +297,14 @@ def dkd_loss(logits_student, logits_teacher, labels, alpha=1.0, beta=8.0, temper
     """
     spec = _spec(temperature, reduction, ignore_index, standardize, ce_weight, teacher_topk_scale,
                  check, inplace, loss_weight, kd_weight=0.0, decoupled=Decoupled(alpha=alpha, beta=beta))
-    return logit_distill(logits_student, logits_teacher, labels, spec, backend=backend)
+    return logit_distill(logits_student, logits_teacher, labels, spec, backend=backend,
+                         process_group=process_group)
 
 
 @_with_common_args
 def aekt_loss(logits_student, logits_teacher, labels, alpha=1.0, beta=8.0, temperature=4.0, *,
               max_weight=10.0, ignore_index=-100, reduction="batchmean", standardize=False,
-              ce_weight=0.0, teacher_topk_scale=None, backend="auto", check=None, inplace=False, loss_weight=1.0):
+              ce_weight=0.0, teacher_topk_scale=None, backend="auto", check=None, inplace=False, loss_weight=1.0, process_group=None):
     """AEKT: ``ℓ_n = α·min(p_y/q_y, max_weight)·TCKD_n + β·NCKD_n`` [reconstructed].
 
     Only the paper's description is public: the adaptive weight of the explicit (target) knowledge is
@@ -304,13 +320,14 @@ def aekt_loss(logits_student, logits_teacher, labels, alpha=1.0, beta=8.0, tempe
     spec = _spec(temperature, reduction, ignore_index, standardize, ce_weight, teacher_topk_scale,
                  check, inplace, loss_weight, kd_weight=0.0,
                  decoupled=Decoupled(alpha=alpha, beta=beta, adaptive=True, max_weight=max_weight))
-    return logit_distill(logits_student, logits_teacher, labels, spec, backend=backend)
+    return logit_distill(logits_student, logits_teacher, labels, spec, backend=backend,
+                         process_group=process_group)
 
 
 @_with_common_args
 def dtkd_loss(logits_student, logits_teacher, temperature=4.0, alpha=3.0, beta=1.0, *, labels=None,
               ignore_index=-100, reduction="batchmean", standardize=False, ce_weight=0.0,
-              teacher_topk_scale=None, backend="auto", check=None, inplace=False, loss_weight=1.0):
+              teacher_topk_scale=None, backend="auto", check=None, inplace=False, loss_weight=1.0, process_group=None):
     """Dynamic-temperature KD: ``ℓ_n = α·T_t·T_s·KL(softmax(t/T_t) ‖ softmax(s/T_s)) + β·τ²·KL(τ)``
     [code: JinYu1998/DTKD].
 
@@ -325,14 +342,15 @@ def dtkd_loss(logits_student, logits_teacher, temperature=4.0, alpha=3.0, beta=1
     """
     spec = _spec(temperature, reduction, ignore_index, standardize, ce_weight, teacher_topk_scale,
                  check, inplace, loss_weight, kd_weight=beta, dtkd_weight=alpha)
-    return logit_distill(logits_student, logits_teacher, labels, spec, backend=backend)
+    return logit_distill(logits_student, logits_teacher, labels, spec, backend=backend,
+                         process_group=process_group)
 
 
 @_with_common_args
 def ldrld_loss(logits_student, logits_teacher, k=7, temperature=4.0, alpha=10.5, beta=7.0, *,
                rank_by="student", eps=1.5, delta=2.0, lam=0.05, labels=None, ignore_index=-100,
                reduction="batchmean", standardize=False, ce_weight=0.0, teacher_topk_scale=None,
-               backend="auto", check=None, inplace=False, loss_weight=1.0):
+               backend="auto", check=None, inplace=False, loss_weight=1.0, process_group=None):
     """LDRLD: ``ℓ_n = α·L_local + β·L_rest`` [code: yema-web/LDRLD].
 
     ``L_local``: over the ``k`` classes ranked by the student (``rank_by="teacher"`` optional),
@@ -348,14 +366,15 @@ def ldrld_loss(logits_student, logits_teacher, k=7, temperature=4.0, alpha=10.5,
     relation = RankRelation(k=k, alpha=alpha, beta=beta, rank_by=rank_by, eps=eps, delta=delta, lam=lam)
     spec = _spec(temperature, reduction, ignore_index, standardize, ce_weight, teacher_topk_scale,
                  check, inplace, loss_weight, kd_weight=0.0, relation=relation)
-    return logit_distill(logits_student, logits_teacher, labels, spec, backend=backend)
+    return logit_distill(logits_student, logits_teacher, labels, spec, backend=backend,
+                         process_group=process_group)
 
 
 @_with_common_args
 def topkd_loss(logits_student, logits_teacher, labels=None, k=5, temperature=4.0, *, scale=0.5,
                shift=0.5, gt_scale=0.5, kd_weight=1.0, tdl_weight=1.0, tdl_weights=(1.0, 1.0, 1.0),
                contrastive_weight=0.0, contrastive_tau=0.1, ignore_index=-100, reduction="batchmean",
-               standardize=False, ce_weight=0.0, backend="auto", check=None, inplace=False, loss_weight=1.0):
+               standardize=False, ce_weight=0.0, backend="auto", check=None, inplace=False, loss_weight=1.0, process_group=None):
     """TopKD: ``ℓ_n = kd_weight·T²·KL(softmax(t'/T) ‖ softmax(s/T)) + tdl_weight·TDL_n
     (+ contrastive_weight·InfoNCE)`` [reconstructed].
 
@@ -377,4 +396,5 @@ def topkd_loss(logits_student, logits_teacher, labels=None, k=5, temperature=4.0
                  kd_weight=kd_weight,
                  tdl=TopKDecoupled(k=k, weight=tdl_weight, pos=a, neg=b, non=c) if tdl_weight != 0 else None,
                  contrastive_weight=contrastive_weight, contrastive_tau=contrastive_tau)
-    return logit_distill(logits_student, logits_teacher, labels, spec, backend=backend)
+    return logit_distill(logits_student, logits_teacher, labels, spec, backend=backend,
+                         process_group=process_group)

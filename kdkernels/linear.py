@@ -259,7 +259,8 @@ def _acc(x: torch.Tensor) -> torch.dtype:
 def fused_linear_distill(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher,
                          labels: Optional[torch.Tensor] = None, spec: Optional[LogitDistill] = None, *,
                          student_bias: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
-                         chunk_size: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
+                         chunk_size: Optional[int] = None, backend: str = "auto",
+                         process_group=None) -> torch.Tensor:
     """``logit_distill(softcap(student_hidden @ student_weightᵀ + student_bias), teacher, labels, spec)``
     and its gradients w.r.t. the hidden states, the weight and the bias, without ``[N, V]`` logits
     (docs/fused_linear.md).
@@ -277,6 +278,12 @@ def fused_linear_distill(student_hidden: torch.Tensor, student_weight: torch.Ten
     The weight gradient is accumulated in float32 (float64 for float64) across chunks and returned in the
     weight's dtype. ``backend="reference"`` computes the unfused loss with plain autograd (the ground truth).
     The call is a graph-break boundary under ``torch.compile`` (its chunk loop runs eagerly).
+
+    ``process_group``: vocabulary (tensor) parallel — ``student_weight`` (and ``student_bias``, a
+    ``TeacherHidden``'s weight and bias, ``TeacherLogits``) hold this rank's rows ``[V_r, ...]`` of the
+    vocabulary, ``student_hidden`` is the same on every rank; the loss is the unsharded one and the hidden
+    states' gradient is summed over the ranks (do not all-reduce it again). This path materialises the
+    shard's logits ``[N, V_r]`` and runs the sharded engine (docs/tensor_parallel.md), not the chunk loop.
     """
     spec = LogitDistill(temperature=1.0) if spec is None else spec
     if not isinstance(spec, LogitDistill):
@@ -303,6 +310,8 @@ def fused_linear_distill(student_hidden: torch.Tensor, student_weight: torch.Ten
     cap_s = spec.softcap[0] if softcap is None else coerce_softcap(softcap)[0]
     spec = spec.replace(softcap=(cap_s, cap_t))
     h2d = student_hidden.reshape(N, H)
+    if process_group is not None:
+        return _sharded(h2d, student_weight, student_bias, teacher, labels, spec, lead, process_group)
     labels2d = flatten_labels(labels, lead, student_hidden.device)
     if labels2d is None and spec.needs_labels:
         raise ValueError("this loss needs labels (ce_weight > 0 or a decoupled/dkd/aekt term)")
@@ -351,6 +360,26 @@ def _unfused(h2d, weight, bias, teacher, labels, spec, lead, backend):
         with torch.no_grad():
             teacher = _linear(teacher.hidden, teacher.weight, teacher.bias)
     loss = logit_distill(_linear(h2d, weight, bias), teacher, labels, spec, backend=backend)
+    return loss.reshape(lead) if spec.reduction == "none" and len(lead) != 1 else loss
+
+
+def _sharded(h2d, weight, bias, teacher, labels, spec, lead, group):
+    """Vocabulary-parallel fused_linear_distill: this rank's logits ``[N, V_r]`` through the sharded engine;
+    the hidden states enter as a replicated input (their gradient is summed over the ranks)."""
+    from . import parallel
+    from .functional import logit_distill
+    N = h2d.shape[0]
+    if isinstance(teacher, TeacherHidden):
+        with torch.no_grad():
+            teacher = _linear(teacher.hidden.reshape(N, -1), teacher.weight, teacher.bias)
+    elif isinstance(teacher, TeacherLogits):
+        teacher = teacher.logits.detach().reshape(N, -1)
+    else:
+        K = teacher.ids.shape[-1]
+        teacher = SparseTeacher(teacher.ids.reshape(N, K), teacher.logprobs.reshape(N, K), teacher.normalize)
+    labels = None if labels is None else labels.reshape(N)
+    logits = _linear(parallel.replicated(h2d, group), weight, bias)
+    loss = logit_distill(logits, teacher, labels, spec, process_group=group)
     return loss.reshape(lead) if spec.reduction == "none" and len(lead) != 1 else loss
 
 

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from . import parallel
 from .functional import logit_distill
 from .spec import Divergence, LogitDistill, SparseTeacher
 
@@ -21,7 +22,8 @@ TRL_REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
 def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits, labels: Optional[torch.Tensor] = None,
                          beta: float = 0.5, temperature: float = 1.0, reduction: str = "batchmean", *,
-                         ignore_index: int = -100, softcap=None, backend: str = "auto") -> torch.Tensor:
+                         ignore_index: int = -100, softcap=None, backend: str = "auto",
+                         process_group=None) -> torch.Tensor:
     """TRL's generalised JSD (``GKDTrainer.generalized_jsd_loss``), fused [code: TRL].
 
     Per token ``JSD_β = β·KL(p‖m) + (1−β)·KL(q‖m)``, ``m = β·p + (1−β)·q``, ``p``/``q`` the teacher/student
@@ -32,12 +34,15 @@ def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits, labels: O
     ``"sum"``; ``"mean"`` divides the sum by the number of (valid) tokens × V; ``"none"`` returns the
     per-token values shaped like the leading dims (TRL returns the un-summed ``[..., V]`` terms).
     ``teacher_logits`` may be a :class:`~kdkernels.SparseTeacher` (docs/topk_teachers.md).
+    ``process_group``: vocabulary-sharded logits (docs/tensor_parallel.md; ``V`` is then the whole vocabulary).
     """
     if reduction not in TRL_REDUCTIONS:
         raise ValueError(f"reduction must be one of {TRL_REDUCTIONS}, got {reduction!r}")
     if not isinstance(student_logits, torch.Tensor) or student_logits.dim() < 1:
         raise TypeError("student_logits must be a tensor of shape [..., V]")
     V = student_logits.shape[-1]
+    if process_group is not None and reduction == "mean":  # TRL's mean divides by the whole vocabulary
+        V = parallel.shard_layout(process_group, V, student_logits.device)[1]
     lead = student_logits.shape[:-1]
     kernel_reduction, loss_weight = "batchmean", 1.0
     if reduction == "sum":
@@ -54,22 +59,23 @@ def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits, labels: O
     spec = LogitDistill(temperature=T, kd_weight=1.0 / (T * T), divergence=Divergence("jsd", beta),
                         reduction=kernel_reduction, ignore_index=ignore_index, loss_weight=loss_weight,
                         softcap=softcap)
-    return logit_distill(student_logits, teacher_logits, labels, spec, backend=backend)
+    return logit_distill(student_logits, teacher_logits, labels, spec, backend=backend, process_group=process_group)
 
 
 def _torchtune_kl(student_logits, teacher_logits, labels, divergence: str, ignore_index: int, normalize: bool,
-                  backend: str) -> torch.Tensor:
+                  backend: str, process_group) -> torch.Tensor:
     if labels is None:
         raise ValueError("torchtune's KD losses take labels (the ignore mask of prompt and padding tokens)")
     value = "cross_entropy" if divergence == "forward_kl" and not isinstance(teacher_logits, SparseTeacher) \
         else "kl"
     spec = LogitDistill(temperature=1.0, divergence=divergence, value=value, ignore_index=ignore_index,
                         reduction="batchmean" if normalize else "sum")
-    return logit_distill(student_logits, teacher_logits, labels, spec, backend=backend)
+    return logit_distill(student_logits, teacher_logits, labels, spec, backend=backend, process_group=process_group)
 
 
 def forward_kl_loss(student_logits: torch.Tensor, teacher_logits, labels: torch.Tensor, *,
-                    ignore_index: int = -100, normalize: bool = True, backend: str = "auto") -> torch.Tensor:
+                    ignore_index: int = -100, normalize: bool = True, backend: str = "auto",
+                    process_group=None) -> torch.Tensor:
     """torchtune's ``ForwardKLLoss(ignore_index)(student_logits, teacher_logits, labels, normalize)``, fused
     [code: torchtune].
 
@@ -79,13 +85,16 @@ def forward_kl_loss(student_logits: torch.Tensor, teacher_logits, labels: torch.
     ``-inf`` from its sum; here such a class that the teacher gives mass makes the token's loss ``inf``
     (the exact value). With a :class:`~kdkernels.SparseTeacher` the number is the KL (``value="kl"``).
     """
-    return _torchtune_kl(student_logits, teacher_logits, labels, "forward_kl", ignore_index, normalize, backend)
+    return _torchtune_kl(student_logits, teacher_logits, labels, "forward_kl", ignore_index, normalize, backend,
+                        process_group)
 
 
 def reverse_kl_loss(student_logits: torch.Tensor, teacher_logits, labels: torch.Tensor, *,
-                    ignore_index: int = -100, normalize: bool = True, backend: str = "auto") -> torch.Tensor:
+                    ignore_index: int = -100, normalize: bool = True, backend: str = "auto",
+                    process_group=None) -> torch.Tensor:
     """torchtune's ``ReverseKLLoss(ignore_index)(student_logits, teacher_logits, labels, normalize)``, fused
     [code: torchtune]: ``KL(q‖p) = Σ_c q_c·(log q_c − log p_c)`` per token at temperature 1, averaged over
     the valid tokens (or summed). torchtune drops classes where the *teacher* is ``-inf``; here a class the
     teacher masks while the student gives it mass makes the token's loss ``inf`` (mathematically so)."""
-    return _torchtune_kl(student_logits, teacher_logits, labels, "reverse_kl", ignore_index, normalize, backend)
+    return _torchtune_kl(student_logits, teacher_logits, labels, "reverse_kl", ignore_index, normalize, backend,
+                        process_group)

@@ -37,6 +37,9 @@ COMMON_ARGS = """
         backend (str): ``"auto"``, ``"reference"``, ``"triton"``, ``"cuda"`` or ``"cpu"``.
         check (bool | None): value checks (labels, non-finite logits); None reads ``KDKERNELS_CHECK``.
         inplace (bool): write the gradient into the student logits' storage (the logits are lost).
+        process_group: tensor (vocabulary) parallel — the ``torch.distributed`` group over which the
+            class dim is sharded (each rank passes its ``[..., V_r]`` columns, labels stay global), or
+            None. docs/tensor_parallel.md.
 
     Shapes: ``forward(logits_student, logits_teacher, labels=None)`` with logits ``[..., C]`` (same shape,
     device; leading dims are rows) and integer labels ``[...]``; returns a 0-dim loss (``"none"``: the
@@ -294,6 +297,7 @@ class LogitDistillLoss(nn.Module):
         spec (LogitDistill): the engine spec. A tensor temperature in it is registered (buffer, or
             parameter when it requires grad), so it moves with the module and is in ``state_dict``.
         backend (str, keyword-only): as the functional forms. Default "auto".
+        process_group (keyword-only): the group of a vocabulary-sharded class dim (tensor parallel), or None.
 
     Shapes: ``forward(logits_student, logits_teacher, labels=None)``, logits ``[..., C]``, labels ``[...]``.
 
@@ -303,11 +307,11 @@ class LogitDistillLoss(nn.Module):
         >>> loss = kdk.nn.LogitDistillLoss(spec)(s, t, y)
     """
 
-    def __init__(self, spec: LogitDistill, *, backend: str = "auto"):
+    def __init__(self, spec: LogitDistill, *, backend: str = "auto", process_group=None):
         super().__init__()
         if not isinstance(spec, LogitDistill):
             raise TypeError(f"spec must be a kdkernels.LogitDistill, got {type(spec).__name__}")
-        self.spec, self.backend = spec, backend
+        self.spec, self.backend, self.process_group = spec, backend, process_group
         if isinstance(spec.temperature, torch.Tensor):
             _register_tensor(self, "temperature", spec.temperature)
 
@@ -315,7 +319,8 @@ class LogitDistillLoss(nn.Module):
         spec = self.spec
         if isinstance(spec.temperature, torch.Tensor):  # the registered (moved, loaded) tensor
             spec = spec.replace(temperature=self.temperature)
-        return Fk.logit_distill(logits_student, logits_teacher, labels, spec, backend=self.backend)
+        return Fk.logit_distill(logits_student, logits_teacher, labels, spec, backend=self.backend,
+                                process_group=self.process_group)
 
     def extra_repr(self) -> str:
         return f"spec={self.spec!r}, backend={self.backend!r}"
@@ -333,18 +338,19 @@ class FusedLinearDistillLoss(nn.Module):
     """
 
     def __init__(self, spec: Optional[LogitDistill] = None, *, softcap: Optional[float] = None,
-                 chunk_size: Optional[int] = None, backend: str = "auto"):
+                 chunk_size: Optional[int] = None, backend: str = "auto", process_group=None):
         super().__init__()
         if spec is not None and not isinstance(spec, LogitDistill):
             raise TypeError(f"spec must be a kdkernels.LogitDistill, got {type(spec).__name__}")
         self.spec = LogitDistill(temperature=1.0) if spec is None else spec
         self.softcap, self.chunk_size, self.backend = softcap, chunk_size, backend
+        self.process_group = process_group
 
     def forward(self, student_hidden, student_weight, teacher, labels=None, student_bias=None):
         from .linear import fused_linear_distill
         return fused_linear_distill(student_hidden, student_weight, teacher, labels, self.spec,
                                     student_bias=student_bias, softcap=self.softcap, chunk_size=self.chunk_size,
-                                    backend=self.backend)
+                                    backend=self.backend, process_group=self.process_group)
 
     def extra_repr(self) -> str:
         return f"spec={self.spec!r}, softcap={self.softcap}, chunk_size={self.chunk_size}, backend={self.backend!r}"

@@ -3,6 +3,8 @@ the interpreter accepts programs the GPU compiler rejects, so CI compiles the re
 import pytest
 import torch
 
+import kdkernels as kdk
+
 from aot_util import aot_compile
 from parity import presets
 
@@ -49,8 +51,45 @@ def shipped_jobs():
     return jobs
 
 
+def shard_jobs():
+    """The tensor-parallel split (kdkernels._triton.shard): its statistics kernel and both phases of its apply
+    kernel, for a forward-KL + CE + softcap spec and a JSD spec, on a single-block fp32 shard and a streamed
+    bf16 shard (a 128k vocabulary over 8 ranks)."""
+    jobs = []
+    specs = {"kd+ce+softcap": kdk.LogitDistill(temperature=2.0, ce_weight=0.5, softcap=30.0),
+             "jsd": kdk.LogitDistill(temperature=1.0, divergence=("jsd", 0.5))}
+    for name, spec in specs.items():
+        for dtype, C in ((torch.float32, 1000), (torch.bfloat16, 16_000)):
+            flags = E.kernel_flags(E.unpack(*spec.pack()), learnable=False, has_labels=True, temp_is_tensor=False,
+                                   has_gfactor=False, write_grad=True, dtype=dtype, C=C)
+            ty, acc = TY[dtype], "fp32"
+            block, single, warps = E.block_config(C)
+            row = dict(HAS_LABELS=True, TEMP_IS_TENSOR=False, USE_CE=flags["USE_CE"], BLOCK_C=block,
+                       SINGLE_BLOCK=single, ACC="tl.float32", SOFTCAP_S=flags["SOFTCAP_S"],
+                       SOFTCAP_T=flags["SOFTCAP_T"])
+            base = dict(s_ptr="*" + ty, t_ptr="*" + ty, labels_ptr="*i64", temp_ptr="*fp32")
+            jobs.append({"kernel": "kdkernels._triton.shard:_shard_stats_kernel", "num_warps": warps,
+                         "signature": dict(base, params_ptr="*" + acc, record_ptr="*" + acc, C="i32", V="i32",
+                                           offset="i32", stride_s_row="i32", stride_t_row="i32",
+                                           stride_temp="i32", ignore_index="i32"),
+                         "constexprs": row, "label": f"shard stats {name} {ty} C={C}"})
+            for phase in (0, 1) if flags["DIVERGENCE"] else (1,):
+                jobs.append({"kernel": "kdkernels._triton.shard:_shard_apply_kernel", "num_warps": warps,
+                             "signature": dict(base, gfactor_ptr="*" + acc, params_ptr="*" + acc,
+                                               record_ptr="*" + acc, sums_ptr="*" + acc, grad_ptr="*" + ty,
+                                               part_ptr="*" + acc, terms_ptr="*" + acc, N="i32", C="i32", V="i32",
+                                               offset="i32", P="i32", stride_s_row="i32", stride_t_row="i32",
+                                               stride_g_row="i32", stride_temp="i32", stride_gfactor="i32",
+                                               ignore_index="i32"),
+                             "constexprs": dict(row, HAS_GFACTOR=False, WRITE_GRAD=True, PHASE=phase,
+                                                REDUCTION=flags["REDUCTION"], USE_KD=True,
+                                                BATCH_BLOCK=flags["BATCH_BLOCK"], DIVERGENCE=flags["DIVERGENCE"]),
+                             "label": f"shard apply phase {phase} {name} {ty} C={C}"})
+    return jobs
+
+
 def test_engine_compiles_for_sm80_and_sm90():
-    errors = aot_compile(shipped_jobs(), archs=(80, 90))
+    errors = aot_compile(shipped_jobs() + shard_jobs(), archs=(80, 90))
     assert not errors, "\n".join(errors)
 
 

@@ -188,23 +188,8 @@ def _logit_distill_kernel(
     row_live = (offs < C) & (~ignored)
     T = row_temperature(temp_ptr, params_ptr, row, stride_temp, TEMP_IS_TENSOR, ACC)
     inv_T = 1.0 / T
-    cap_s = zero
-    cap_t = zero
-    if SOFTCAP_S:
-        cap_s = tl.load(params_ptr + P_SOFTCAP_S)
-    if SOFTCAP_T:
-        cap_t = tl.load(params_ptr + P_SOFTCAP_T)
-    if SINGLE_BLOCK:
-        s_cache = tl.load(s_row + offs, mask=row_live, other=-float("inf")).to(ACC)
-        t_cache = tl.load(t_row + offs, mask=row_live, other=-float("inf")).to(ACC)
-        if SOFTCAP_S:
-            s_cache = softcap(s_cache, cap_s)
-        if SOFTCAP_T:
-            t_cache = softcap(t_cache, cap_t)
-    else:
-        s_cache = tl.zeros([BLOCK_C], ACC)
-        t_cache = tl.zeros([BLOCK_C], ACC)
-    ref = (s_row, t_row, C, s_cache, t_cache, cap_s, cap_t)
+    ref = row_ref(s_row, t_row, C, offs, row_live, params_ptr, zero, BLOCK_C, SINGLE_BLOCK, ACC, SOFTCAP_S,
+                  SOFTCAP_T)
 
     HAVE_COUNT: tl.constexpr = REDUCTION == REDUCTION_BATCHMEAN and (WRITE_GRAD or WANT_DTEMP)
     count, row_scale, g_scale = row_scales(labels_ptr, gfactor_ptr, row, stride_gfactor, N, ignore_index, loss_w,
@@ -225,6 +210,30 @@ def _logit_distill_kernel(
         tl.store(dtemp_ptr + row, dtemp)
     _reduce_batch(row, loss, row_loss_ptr, loss_ptr, ticket_ptr, labels_ptr, N, ignore_index, count,
                   HAS_LABELS, HAVE_COUNT, REDUCTION, BATCH_BLOCK)
+
+
+@triton.jit
+def row_ref(s_row, t_row, C, offs, row_live, params_ptr, zero, BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+            ACC: tl.constexpr, SOFTCAP_S: tl.constexpr, SOFTCAP_T: tl.constexpr):
+    """The RowRef of one row (see "row records"): where it is, its softcaps, and for a single-block row
+    the row itself in registers (softcapped; lanes outside ``row_live`` −inf) — its only read of s and t."""
+    cap_s = zero
+    cap_t = zero
+    if SOFTCAP_S:
+        cap_s = tl.load(params_ptr + P_SOFTCAP_S)
+    if SOFTCAP_T:
+        cap_t = tl.load(params_ptr + P_SOFTCAP_T)
+    if SINGLE_BLOCK:
+        s_cache = tl.load(s_row + offs, mask=row_live, other=-float("inf")).to(ACC)
+        t_cache = tl.load(t_row + offs, mask=row_live, other=-float("inf")).to(ACC)
+        if SOFTCAP_S:
+            s_cache = softcap(s_cache, cap_s)
+        if SOFTCAP_T:
+            t_cache = softcap(t_cache, cap_t)
+    else:
+        s_cache = tl.zeros([BLOCK_C], ACC)
+        t_cache = tl.zeros([BLOCK_C], ACC)
+    return (s_row, t_row, C, s_cache, t_cache, cap_s, cap_t)
 
 
 @triton.jit

@@ -1,0 +1,325 @@
+"""The logit engine on a vocabulary shard (tensor parallel) in Triton: the passes split where statistics cross ranks.
+
+Rank ``r`` of a process group of ``P`` ranks holds the columns ``[offset, offset + C)`` of a ``V``-class row
+(labels are global class ids). For the KD family — the KD term with any divergence over the whole
+vocabulary, CE, softcap, a fixed (scalar or per-row) temperature — the unsharded row needs from the other
+ranks only its RowRecord: the LSE states (in the logits' units, engine.py "Numerics") of ``s/T``, ``t/T`` and of
+the raw student (CE), and the student's target logit (CE; the label lives on one rank)::
+
+    launch 1  _shard_stats_kernel   P3 over the local columns → the local RowRecord [N, R]
+                                    (m_s, d_s, m_t, d_t, m_raw, d_raw, x_y)      x_y = −inf off the owner
+    all_gather                      [P, N, R] (R values a row from each rank)
+    launch 2  _shard_apply_kernel   merges the P records in rank order (lse_merge: the same bits on every
+                                    rank), then
+              PHASE_SUMS            (a divergence other than forward KL) P5 over the local columns →
+                                    (Σ_local qg, Σ_local d) [N, 2];  all_reduce;  then launch 3:
+              PHASE_GRADIENT        P6: the gradient of the local columns (× loss_weight, ÷ count for
+                                    batchmean, × grad_factor[n]) with the merged statistics and the
+                                    global Σqg; forward KL: Σ_local d (the row's KL over the local columns)
+                                    and the row's terms: (ok, kd_w·T², CE) [N, 3]
+    all_reduce                      Σ_local d [N] (forward KL)
+    finish (torch, [N])             ℓ_n = kd_w·T²·max(Σd, 0) + ce_w·(LSE_raw − x_y)  (NaN / 0 rows as the
+                                    engine), × loss_weight, then the reduction — the same on every rank
+
+The gradient is the engine's, column for column (``_pass_gradient``/``_column_terms`` with the merged
+states): ``kd_w·T·(qg_c − q_c·Σqg) + ce_w·(softmax(s)_c − [c = y])``, × softcap's slope.
+
+Bytes moved per rank and row of ``C`` local columns: launch 1 reads ``s`` and ``t`` once, launch 3 reads them
+once more and writes the gradient: 5 transfers of ``[N, C]`` (an unsharded streamed KD row moves 5 too, a
+single-block one 3: a launch cannot keep the row in registers for the next), 7 with launch 2 (another
+divergence). Across ranks: ``R`` values a row (all_gather) plus one (forward KL) or two (other divergences)
+values a row (all_reduce) — never ``[N, V]``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..spec import REDUCTION_CODES
+from .divergence import FORWARD_KL
+from .engine import (P_CE_WEIGHT, P_KD_WEIGHT, P_LOSS_WEIGHT, REDUCTION_BATCHMEAN, _llm_terms,
+                     _pass_gradient, _pass_row_stats, _pass_sums, _row_transform,
+                     acc_dtype, block_config, kernel_flags, param_tensor, row_ref, row_scales, row_temperature,
+                     scale_rows_, unpack, zero_row)
+from .row_ops import log_prob, lse_init, lse_merge, lse_norm, softcap, topk_init
+
+#: the RowRecord's fields, in their order in memory
+RECORD_FIELDS = ("m_s", "d_s", "m_t", "d_t", "m_raw", "d_raw", "x_y")
+RECORD = tl.constexpr(len(RECORD_FIELDS))
+PHASE_SUMS = tl.constexpr(0)
+PHASE_GRADIENT = tl.constexpr(1)
+#: the row terms launch 2 writes for the finish: (ok, kd_w·T², the row's constant term)
+ROW_TERMS = 3
+
+
+@triton.jit
+def shard_label(labels_ptr, row, offset, C, V, ignore_index, HAS_LABELS: tl.constexpr):
+    """(y_local, owned, ignored, bad) of one row on this shard: the label as a local column (−1 when
+    another rank owns it), whether this rank owns it, whether it is ``ignore_index``, whether it is a bad
+    label — outside ``[0, V)`` — (its row is NaN on every rank)."""
+    if HAS_LABELS:
+        y = tl.load(labels_ptr + row)
+        ignored = y == ignore_index
+        bad = (y < 0) | (y >= V)
+        y_loc = y - offset
+        owned = (~bad) & (y_loc >= 0) & (y_loc < C)
+        y_loc = tl.where(owned, y_loc, -1).to(tl.int32)
+    else:
+        y_loc = -1
+        owned = False
+        ignored = False
+        bad = False
+    return y_loc, owned, ignored, bad
+
+
+@triton.jit
+def _shard_row(s_ptr, t_ptr, params_ptr, row, C, stride_s_row, stride_t_row, ignored, BLOCK_C: tl.constexpr,
+               SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr, SOFTCAP_S: tl.constexpr, SOFTCAP_T: tl.constexpr):
+    """(RowRef, column offsets, identity Transform) of one local row (an ignored row reads nothing)."""
+    offs = tl.arange(0, BLOCK_C)
+    zero = tl.full([], 0.0, ACC)
+    ref = row_ref(s_ptr + row * stride_s_row, t_ptr + row * stride_t_row, C, offs, (offs < C) & (~ignored),
+                  params_ptr, zero, BLOCK_C, SINGLE_BLOCK, ACC, SOFTCAP_S, SOFTCAP_T)
+    xf, _, _ = _row_transform(ref, offs, 0, params_ptr, zero, False, False, False, 1, 2, BLOCK_C, SINGLE_BLOCK,
+                              ACC, SOFTCAP_S, SOFTCAP_T)
+    return ref, offs, xf, zero
+
+
+@triton.jit
+def _shard_stats_kernel(s_ptr, t_ptr, labels_ptr, temp_ptr, params_ptr, record_ptr, C, V, offset, stride_s_row,
+                        stride_t_row, stride_temp, ignore_index, HAS_LABELS: tl.constexpr,
+                        TEMP_IS_TENSOR: tl.constexpr, USE_CE: tl.constexpr, BLOCK_C: tl.constexpr,
+                        SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr, SOFTCAP_S: tl.constexpr,
+                        SOFTCAP_T: tl.constexpr):
+    """Launch 1, one program per row: P3 over the local columns → the local RowRecord (an ignored row's is
+    empty: it reads nothing)."""
+    row = tl.program_id(0).to(tl.int64)
+    y_loc, owned, ignored, bad = shard_label(labels_ptr, row, offset, C, V, ignore_index, HAS_LABELS)
+    T = row_temperature(temp_ptr, params_ptr, row, stride_temp, TEMP_IS_TENSOR, ACC)
+    ref, offs, xf, zero = _shard_row(s_ptr, t_ptr, params_ptr, row, C, stride_s_row, stride_t_row, ignored,
+                                     BLOCK_C, SINGLE_BLOCK, ACC, SOFTCAP_S, SOFTCAP_T)
+    lse_s = lse_init(zero)
+    lse_t = lse_init(zero)
+    lse_raw = lse_init(zero)
+    x_y = zero - float("inf")
+    if not ignored:
+        stats, _, _, _, _, _ = _pass_row_stats(
+            ref, offs, xf, y_loc, (zero, zero), 1.0 / T, zero, topk_init(1, 2, ACC), False, USE_CE, False, False, 1,
+            False, False, 1, False, False, 1, 2, 2, BLOCK_C, SINGLE_BLOCK, ACC, SOFTCAP_S, SOFTCAP_T, 0, 0)
+        lse_s, lse_t, _, _, lse_raw, _, _ = stats
+        if USE_CE:
+            x_y = tl.load(ref[0] + tl.maximum(y_loc, 0), mask=owned, other=-float("inf")).to(ACC)
+            if SOFTCAP_S:
+                x_y = softcap(x_y, ref[5])
+    out = record_ptr + row * RECORD
+    tl.store(out + 0, lse_s[0])
+    tl.store(out + 1, lse_s[1])
+    tl.store(out + 2, lse_t[0])
+    tl.store(out + 3, lse_t[1])
+    tl.store(out + 4, lse_raw[0])
+    tl.store(out + 5, lse_raw[1])
+    tl.store(out + 6, x_y)
+
+
+@triton.jit
+def merged_record(record_ptr, row, N, P, inv_T, zero):
+    """The row's RowRecord over the whole vocabulary: the P ranks' records ``[P, N, R]`` merged in rank order
+    (``lse_merge``, the merge of column blocks; the target logit from its owner) — the same bits on every
+    rank. Returns (lse_s, lse_t, lse_raw, x_y)."""
+    lse_s = lse_init(zero)
+    lse_t = lse_init(zero)
+    lse_raw = lse_init(zero)
+    x_y = zero - float("inf")
+    for r in range(0, P):
+        rec = record_ptr + (r * N + row) * RECORD
+        lse_s = lse_merge(lse_s, (tl.load(rec + 0), tl.load(rec + 1)), inv_T)
+        lse_t = lse_merge(lse_t, (tl.load(rec + 2), tl.load(rec + 3)), inv_T)
+        lse_raw = lse_merge(lse_raw, (tl.load(rec + 4), tl.load(rec + 5)), 1.0)
+        x_y = tl.maximum(x_y, tl.load(rec + 6))
+    return lse_s, lse_t, lse_raw, x_y
+
+
+@triton.jit
+def _shard_apply_kernel(s_ptr, t_ptr, labels_ptr, temp_ptr, gfactor_ptr, params_ptr, record_ptr, sums_ptr, grad_ptr,
+                        part_ptr, terms_ptr, N, C, V, offset, P, stride_s_row, stride_t_row, stride_g_row,
+                        stride_temp, stride_gfactor, ignore_index, HAS_LABELS: tl.constexpr,
+                        TEMP_IS_TENSOR: tl.constexpr, HAS_GFACTOR: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                        PHASE: tl.constexpr, REDUCTION: tl.constexpr, USE_KD: tl.constexpr, USE_CE: tl.constexpr,
+                        BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr,
+                        BATCH_BLOCK: tl.constexpr, DIVERGENCE: tl.constexpr, SOFTCAP_S: tl.constexpr,
+                        SOFTCAP_T: tl.constexpr):
+    """Launches 2 and 3, one program per row: the merged RowRecord, then P5 (PHASE_SUMS: this shard's
+    (Σqg, Σd) → ``sums_ptr`` [N, 2]) or P6 (PHASE_GRADIENT: the local gradient; this shard's Σd →
+    ``part_ptr`` [N]; the row terms (ok, kd_w·T², constant) → ``terms_ptr`` [N, 3])."""
+    row = tl.program_id(0).to(tl.int64)
+    y_loc, owned, ignored, bad = shard_label(labels_ptr, row, offset, C, V, ignore_index, HAS_LABELS)
+    T = row_temperature(temp_ptr, params_ptr, row, stride_temp, TEMP_IS_TENSOR, ACC)
+    inv_T = 1.0 / T
+    ref, offs, xf, zero = _shard_row(s_ptr, t_ptr, params_ptr, row, C, stride_s_row, stride_t_row, ignored,
+                                     BLOCK_C, SINGLE_BLOCK, ACC, SOFTCAP_S, SOFTCAP_T)
+    HAVE_COUNT: tl.constexpr = REDUCTION == REDUCTION_BATCHMEAN and WRITE_GRAD and PHASE == PHASE_GRADIENT
+    count, row_scale, g_scale = row_scales(labels_ptr, gfactor_ptr, row, stride_gfactor, N, ignore_index,
+                                           tl.load(params_ptr + P_LOSS_WEIGHT), HAS_LABELS, HAVE_COUNT, HAS_GFACTOR,
+                                           BATCH_BLOCK, ACC)
+    g_row = grad_ptr + row * stride_g_row
+    kd_w = tl.load(params_ptr + P_KD_WEIGHT)
+    ce_w = tl.load(params_ptr + P_CE_WEIGHT)
+    sum_qg = zero
+    sum_d = zero
+    ok = zero
+    kd_coef = zero
+    const = zero
+    if ignored:
+        if WRITE_GRAD and PHASE == PHASE_GRADIENT:
+            zero_row(g_row, C, offs, BLOCK_C, ACC)
+    else:
+        lse_s, lse_t, lse_raw, x_y = merged_record(record_ptr, row, N, P, inv_T, zero)
+        row_nan = bad | (lse_s[1] != lse_s[1]) | (lse_t[1] != lse_t[1])
+        row_ok = (~row_nan) & (lse_s[0] != -float("inf")) & (lse_t[0] != -float("inf"))
+        norm_s = lse_norm(lse_s)
+        norm_t = lse_norm(lse_t)
+        norm_raw = lse_norm(lse_raw)
+        # the engine's records, with only the KD family's fields live (engine._column_terms documents them)
+        norms = (norm_s, norm_t, norm_s, norm_t, norm_s, norm_t, norm_s, norm_t)
+        temps = (T, inv_T, T, T, inv_T, inv_T)
+        weights = (kd_w, zero, zero, zero)
+        dec = (zero, zero, zero)
+        unused_list = (tl.zeros([2], tl.int32), tl.zeros([2], ACC))
+        tdl = (unused_list[0], unused_list[0], zero, zero, zero, zero, zero, zero)
+        _, llm = _llm_terms(params_ptr, topk_init(1, 2, ACC), (lse_init(zero), lse_init(zero)), norm_s, norm_t, T,
+                            inv_T, kd_w, row_ok, 0, zero, DIVERGENCE, 0, 0)
+        if PHASE == PHASE_SUMS:
+            kl, _, _, _, dsum = _pass_sums(ref, offs, xf, y_loc, norms, temps, weights, dec, unused_list, tdl,
+                                           (zero, zero), llm, zero, USE_KD, False, False, False, False, 1, False,
+                                           False, False, 1, 2, 2, BLOCK_C, SINGLE_BLOCK, ACC, SOFTCAP_S, SOFTCAP_T,
+                                           DIVERGENCE, 0, 0)
+            sum_qg = dsum[0]
+            sum_d = kl[0]
+        else:
+            if DIVERGENCE != FORWARD_KL:  # the global Σqg (launch 2, all-reduced)
+                llm = (llm[0], tl.load(sums_ptr + row * 2), llm[2], llm[3], llm[4], llm[5], llm[6], llm[7], llm[8],
+                       llm[9])
+            kl = _pass_gradient(ref, offs, xf, y_loc, g_row, norms, temps, weights, dec, unused_list, tdl,
+                                (zero, zero), (zero, zero, zero, 0, zero), (ce_w, norm_raw),
+                                (g_scale, row_ok, row_nan), llm, zero, WRITE_GRAD, DIVERGENCE != FORWARD_KL, USE_KD,
+                                False, False, USE_CE, False, False, 1, False, False, False, 1, 2, 2, BLOCK_C,
+                                SINGLE_BLOCK, ACC, SOFTCAP_S, SOFTCAP_T, DIVERGENCE, 0, 0)
+            sum_d = kl[0]
+            if USE_CE:
+                const = ce_w * -log_prob(x_y, norm_raw, 1.0)
+            ok = tl.where(row_ok, 1.0, 0.0)
+            kd_coef = tl.where(row_ok, kd_w * T * T, 0.0)
+            const = tl.where(row_ok, const, tl.where(row_nan, float("nan"), 0.0))
+    if PHASE == PHASE_SUMS:
+        tl.store(sums_ptr + row * 2, sum_qg)
+        tl.store(sums_ptr + row * 2 + 1, sum_d)
+    else:
+        tl.store(part_ptr + row, sum_d)
+        tl.store(terms_ptr + row * 3, ok)
+        tl.store(terms_ptr + row * 3 + 1, kd_coef)
+        tl.store(terms_ptr + row * 3 + 2, const)
+
+
+# -------------------------------------------------------------------------------------------------
+# launchers
+# -------------------------------------------------------------------------------------------------
+def shard_unsupported(spec, temperature: Optional[torch.Tensor]) -> Optional[str]:
+    """Why the split does not take a :class:`~kdkernels.LogitDistill` spec (None when it does): it takes the
+    KD family — the KD term with any divergence over the whole vocabulary, CE, softcap, a fixed
+    temperature; the other presets run the sharded formulas (kdkernels.parallel)."""
+    for what, used in (("standardize", spec.standardize), ("teacher_topk_scale", spec.teacher_topk_scale),
+                       ("a decoupled (DKD/AEKT) term", spec.decoupled), ("LDRLD's relation term", spec.relation),
+                       ("TopKD's TDL", spec.tdl), ("a top-k teacher", spec.teacher_topk),
+                       ("DTKD", spec.dtkd_weight != 0), ("value='cross_entropy'", spec.value != "kl"),
+                       ("a learnable temperature", temperature is not None and temperature.requires_grad)):
+        if used:
+            return what
+    return None
+
+
+class ShardLauncher:
+    """The launcher contract of :mod:`kdkernels.engine` on a vocabulary shard: ``forward`` runs the split
+    (launches 1–3 and the collectives of the module docstring) and returns the unsharded loss; the
+    gradient it writes is this shard's slice. One object per (group, offset, vocabulary)."""
+
+    name = "triton"
+    contract = 2
+
+    def __init__(self, group, offset: int, vocab: int):
+        self.group, self.offset, self.vocab = group, offset, vocab
+
+    def forward(self, s, t, labels, temperature, spec, grad, grad_factor):
+        return shard_forward(s, t, labels, temperature, spec, grad, grad_factor, self)
+
+    def scale_(self, grad, factor):
+        scale_rows_(grad, factor)
+
+
+def shard_forward(s, t, labels, temperature, spec, grad, grad_factor, shard: ShardLauncher):
+    """``(loss, None)`` of ``spec`` on this rank's shard ``s``, ``t`` ``[N, C]``; writes ``grad`` when given."""
+    from ..parallel import all_gather_records, all_reduce
+    N, C = s.shape
+    acc = acc_dtype(s.dtype)
+    floats, ints = spec.pack()
+    p = unpack(floats, ints)
+    params = param_tensor(floats, s.device, acc)
+    flags = kernel_flags(p, learnable=False, has_labels=labels is not None, temp_is_tensor=temperature is not None,
+                         has_gfactor=grad_factor is not None, write_grad=grad is not None, dtype=s.dtype, C=C)
+    block, single, num_warps = block_config(C)
+    row_flags = dict(HAS_LABELS=flags["HAS_LABELS"], TEMP_IS_TENSOR=flags["TEMP_IS_TENSOR"], USE_CE=flags["USE_CE"],
+                     BLOCK_C=block, SINGLE_BLOCK=single, ACC=flags["ACC"], SOFTCAP_S=flags["SOFTCAP_S"],
+                     SOFTCAP_T=flags["SOFTCAP_T"])
+    dummy = params
+    lab = labels if labels is not None else dummy
+    temp = temperature if temperature is not None else dummy
+    stride_temp = temperature.stride(0) if temperature is not None else 0
+    ignore_index = int(p["ignore_index"])
+    record = torch.empty(N, len(RECORD_FIELDS), dtype=acc, device=s.device)
+    if N > 0:
+        _shard_stats_kernel[(N,)](s, t, lab, temp, params, record, C, shard.vocab, shard.offset, s.stride(0),
+                                         t.stride(0), stride_temp, ignore_index, num_warps=num_warps, **row_flags)
+    records = all_gather_records(record, shard.group)                  # [P, N, R]
+    divergence = flags["DIVERGENCE"]
+
+    def apply(phase, sums, part, terms, g):
+        if N == 0:
+            return
+        _shard_apply_kernel[(N,)](
+            s, t, lab, temp, grad_factor if grad_factor is not None else dummy, params, records, sums,
+            g if g is not None else dummy, part, terms, N, C, shard.vocab, shard.offset, records.shape[0],
+            s.stride(0), t.stride(0), g.stride(0) if g is not None else 0, stride_temp,
+            grad_factor.stride(0) if grad_factor is not None else 0, ignore_index, HAS_GFACTOR=grad_factor is not None,
+            WRITE_GRAD=g is not None, PHASE=phase, REDUCTION=flags["REDUCTION"], USE_KD=flags["USE_KD"],
+            BATCH_BLOCK=flags["BATCH_BLOCK"], DIVERGENCE=divergence, num_warps=num_warps, **row_flags)
+
+    part = torch.zeros(N, dtype=acc, device=s.device)
+    terms = torch.zeros(N, ROW_TERMS, dtype=acc, device=s.device)
+    sums = dummy
+    if divergence != FORWARD_KL:  # launch 2: this shard's (Σqg, Σd); all-reduced before the gradient
+        sums = torch.zeros(N, 2, dtype=acc, device=s.device)
+        apply(0, sums, part, terms, None)
+        all_reduce(sums, shard.group, "row sums")
+    apply(1, sums, part, terms, grad)
+    if divergence == FORWARD_KL:
+        all_reduce(part, shard.group, "row losses")
+        sum_d = part
+    else:
+        sum_d = sums[:, 1]
+    return _finish(sum_d, terms, labels, p, acc), None
+
+
+def _finish(sum_d, terms, labels, p: dict, acc) -> torch.Tensor:
+    """The loss from the all-reduced Σd [N] and the row terms [N, 3] (on [N]: the same on every rank)."""
+    ok, kd_coef, const = terms.unbind(1)
+    rows = torch.where(ok > 0, kd_coef * sum_d.clamp(min=0.0) + const, const) * p["loss_weight"]
+    reduction = int(p["reduction"])
+    if reduction == REDUCTION_CODES["none"]:
+        return rows
+    total = rows.sum()
+    if reduction == REDUCTION_CODES["batchmean"]:
+        count = rows.shape[0] if labels is None else (labels != int(p["ignore_index"])).sum()
+        total = total / torch.as_tensor(count, device=rows.device).clamp(min=1).to(acc)
+    return total
