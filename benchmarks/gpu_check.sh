@@ -103,6 +103,10 @@ say "spot checks vs float64 on the GPU (headline shapes)" 60
 step 120 "$PY -m benchmarks.run --suite headline --mode fwd+bwd --providers kdk-triton --verify-only --tag verify --out $DEST --no-plots --quiet >$DEST/verify.log 2>&1; rc=\$?; tail -25 $DEST/verify.log; exit \$rc"
 [ $DRY = 1 ] || note "spot checks: $(grep '^rows:' "$DEST/verify.log" | tail -1)"
 
+# --- 3b. the tensor-parallel split on one GPU (a 1-rank nccl group: real launches, merges, collectives) ---
+say "tensor-parallel split: float64 check and time vs the unsharded engine (N = 4096, V_r = 16k bf16)" 40
+step 60 "$PY -m benchmarks.tp_check >$DEST/tp_check.json 2>$DEST/tp_check.err; rc=\$?; tail -30 $DEST/tp_check.json; tail -5 $DEST/tp_check.err; exit \$rc"
+
 # --- 4. timings of the headline shapes --------------------------------------------------------------
 NCU_RESERVE=$(command -v ncu >/dev/null 2>&1 && echo 60 || echo 0)
 LINEAR_RESERVE=${GPU_CHECK_LINEAR_SECONDS:-75}   # step 4b (fused linear) runs after it, in what is left

@@ -9,7 +9,8 @@ receives is its slice of the unsharded gradient.
 Two engines (docs/tensor_parallel.md):
 
 * **The Triton split** (:mod:`kdkernels._triton.shard`, chosen by :func:`_split_launcher`) for the KD
-  family — the KD term with any divergence over the whole vocabulary, CE, softcap, a fixed temperature:
+  family — the KD term with any divergence over the whole vocabulary, CE, softcap, a fixed temperature —
+  and DKD/AEKT:
   one launch writes each row's record (LSE states, the target logit) over the local columns, one
   ``all_gather`` of the records, one launch writes the local gradient, one ``all_reduce`` of the per-row
   divergence parts; it goes through the engine's autograd Function like any launcher (one ``[N, V_r]``
@@ -108,9 +109,7 @@ class _Exchange(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
-        _note("backward", grad)
-        dist.all_reduce(grad, group=ctx.group)
+        grad = all_reduce(grad.clone(memory_format=torch.contiguous_format), ctx.group, "backward")
         return grad[dist.get_rank(ctx.group)], None, None
 
 
@@ -125,10 +124,7 @@ class _Replicated(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        _note("backward", grad)
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        return all_reduce(grad.clone(memory_format=torch.contiguous_format), ctx.group, "backward"), None
 
 
 class _LossSeed(torch.autograd.Function):

@@ -117,6 +117,10 @@ SPLIT_CASES = {
     "split_tvd": lambda s, t, g, **kw: kdk.kd_loss(s, t, 2.0, divergence="tvd", process_group=g, **kw),
     "split_skew_rkl": lambda s, t, g, **kw: kdk.kd_loss(s, t, 1.0, divergence=("skew_rkl", 0.2), process_group=g,
                                                         **kw),
+    "split_dkd": lambda s, t, g, **kw: kdk.dkd_loss(s, t, _labels(), 1.0, 8.0, 4.0, process_group=g, **kw),
+    "split_aekt_masked_labels_one_shard": lambda s, t, g, **kw: kdk.aekt_loss(s, t, _labels(True), ce_weight=0.3,
+                                                                              reduction="none", process_group=g,
+                                                                              **kw),
     "split_trl_jsd": lambda s, t, g, **kw: kdk.generalized_jsd_loss(s, t, _labels(), beta=0.4, temperature=2.0,
                                                                     process_group=g, **kw),
 }
@@ -237,7 +241,7 @@ def run_boundary_checks(group, offset, width) -> dict:
 
     refused("cpu_backend", lambda: kdk.kd_loss(s, t, backend="cpu", process_group=group), "no vocabulary-sharded split")
     if SPLIT:
-        refused("triton_dkd", lambda: kdk.dkd_loss(s, t, _labels(), backend="triton", process_group=group),
+        refused("triton_ldrld", lambda: kdk.ldrld_loss(s, t, k=3, backend="triton", process_group=group),
                 "sharded formulas")
     refused("inplace", lambda: kdk.kd_loss(s.clone(), t, inplace=True, process_group=group), "inplace")
     refused("contrastive", lambda: kdk.topkd_loss(s, t, _labels(), k=2, contrastive_weight=0.5,
@@ -364,6 +368,7 @@ COMM_SPLIT = {
                                                                          process_group=g, backend="triton"),
     "reverse_kl / jsd / tvd / skew, split": lambda s, t, g: kdk.kd_loss(s, t, 1.0, divergence=("jsd", 0.5),
                                                                       process_group=g, backend="triton"),
+    "dkd_loss / aekt_loss, split": lambda s, t, g: kdk.dkd_loss(s, t, _labels(), process_group=g, backend="triton"),
 }
 
 

@@ -150,3 +150,16 @@ def test_example_runs_under_torchrun(tmp_path):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert "equal the unsharded ones" in out.stdout
+
+
+@pytest.mark.skipif(not SPLIT, reason="the Triton split runs on CUDA or under TRITON_INTERPRET=1")
+def test_gpu_check_tp_step_runs_on_cpu():
+    """benchmarks.tp_check (gpu_check.sh's tensor-parallel step) on a one-rank gloo group: the split equals
+    the float64 reference on a tiny shape."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT="29547")
+    out = subprocess.run([sys.executable, "-m", "benchmarks.tp_check"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    for name, row in result["presets"].items():
+        assert row["loss_rel_err"] < 1e-5 and row["grad_rel_err"] < 1e-5, (name, row)

@@ -237,6 +237,16 @@ def row_ref(s_row, t_row, C, offs, row_live, params_ptr, zero, BLOCK_C: tl.const
 
 
 @triton.jit
+def row_status(lse_s, lse_t, bad):
+    """(row_nan, row_ok) from the row's full LSE states of s̃ and t̃: NaN or +inf anywhere makes d NaN, so
+    the row's loss and gradient are NaN (as for a bad label); a row with no finite student or teacher logit
+    (m = −inf) is empty: loss and gradient 0."""
+    row_nan = bad | (lse_s[1] != lse_s[1]) | (lse_t[1] != lse_t[1])
+    row_ok = (~row_nan) & (lse_s[0] != -float("inf")) & (lse_t[0] != -float("inf"))
+    return row_nan, row_ok
+
+
+@triton.jit
 def row_label(labels_ptr, row, C, ignore_index, HAS_LABELS: tl.constexpr):
     """(y, ignored, bad) of one row: its label (0 where it is out of range, so it is never read out of
     bounds), whether it is ``ignore_index``, and whether it is a bad label (its row becomes NaN)."""
@@ -316,10 +326,7 @@ def _distill_row(ref, offs, y, bad, T, inv_T, g_row, g_scale, row_scale, params_
         USE_TDL, TDL_K, STANDARDIZE, USE_TSM, TSM_K, K_PAD, NEG_PAD, BLOCK_C, SINGLE_BLOCK, ACC, SOFTCAP_S,
         SOFTCAP_T, TOPK_MODE, TOPK_NORM)
     lse_s, lse_t, lse_snt, lse_tnt, lse_raw, v_max, v_arg = stats
-    # NaN or +inf anywhere in s̃ or t̃ makes d NaN: the row's loss and gradient are NaN; a row with
-    # no finite student or teacher logit (m = −inf) is empty: loss and gradient 0
-    row_nan = bad | (lse_s[1] != lse_s[1]) | (lse_t[1] != lse_t[1])
-    row_ok = (~row_nan) & (lse_s[0] != -float("inf")) & (lse_t[0] != -float("inf"))
+    row_nan, row_ok = row_status(lse_s, lse_t, bad)
     norm_s = lse_norm(lse_s)
     norm_t = lse_norm(lse_t)
     norm_snt = lse_norm(lse_snt)

@@ -2,12 +2,14 @@
 
 Rank ``r`` of a process group of ``P`` ranks holds the columns ``[offset, offset + C)`` of a ``V``-class row
 (labels are global class ids). For the KD family — the KD term with any divergence over the whole
-vocabulary, CE, softcap, a fixed (scalar or per-row) temperature — the unsharded row needs from the other
-ranks only its RowRecord: the LSE states (in the logits' units, engine.py "Numerics") of ``s/T``, ``t/T`` and of
-the raw student (CE), and the student's target logit (CE; the label lives on one rank)::
+vocabulary, CE, softcap, a fixed (scalar or per-row) temperature — and for DKD/AEKT, the unsharded row needs
+from the other ranks only its RowRecord: the LSE states (in the logits' units, engine.py "Numerics") of
+``s/T``, ``t/T`` and of the raw student (CE), and the student's target logit (CE; the label lives on one
+rank); DKD/AEKT add the teacher's target logit and the non-target states of ``s/T`` and ``t/T``::
 
     launch 1  _shard_stats_kernel   P3 over the local columns → the local RowRecord [N, R]
-                                    (m_s, d_s, m_t, d_t, m_raw, d_raw, x_y)      x_y = −inf off the owner
+                                    (m_s, d_s, m_t, d_t, m_raw, d_raw, x_y       x_y = −inf off the owner
+                                    [, t_y, m_snt, d_snt, m_tnt, d_tnt])         DKD/AEKT
     all_gather                      [P, N, R] (R values a row from each rank)
     launch 2  _shard_apply_kernel   merges the P records in rank order (lse_merge: the same bits on every
                                     rank), then
@@ -15,11 +17,13 @@ the raw student (CE), and the student's target logit (CE; the label lives on one
                                     (Σ_local qg, Σ_local d) [N, 2];  all_reduce;  then launch 3:
               PHASE_GRADIENT        P6: the gradient of the local columns (× loss_weight, ÷ count for
                                     batchmean, × grad_factor[n]) with the merged statistics and the
-                                    global Σqg; forward KL: Σ_local d (the row's KL over the local columns)
-                                    and the row's terms: (ok, kd_w·T², CE) [N, 3]
-    all_reduce                      Σ_local d [N] (forward KL)
-    finish (torch, [N])             ℓ_n = kd_w·T²·max(Σd, 0) + ce_w·(LSE_raw − x_y)  (NaN / 0 rows as the
-                                    engine), × loss_weight, then the reduction — the same on every rank
+                                    global Σqg; forward KL: Σ_local d (the row's KL over the local columns;
+                                    DKD: and its NCKD) [2, N], and the row's terms (ok, kd_w·T², nckd_w·T²,
+                                    CE + α_n·T²·TCKD) [N, 4] — DKD's row scalars from the merged record
+    all_reduce                      Σ_local d [N] (forward KL; [2, N] DKD/AEKT)
+    finish (torch, [N])             ℓ_n = kd_w·T²·max(ΣKL, 0) + nckd_w·T²·max(ΣNCKD, 0) + the row's constant
+                                    (NaN / 0 rows as the engine), × loss_weight, then the reduction — the
+                                    same on every rank
 
 The gradient is the engine's, column for column (``_pass_gradient``/``_column_terms`` with the merged
 states): ``kd_w·T·(qg_c − q_c·Σqg) + ce_w·(softmax(s)_c − [c = y])``, × softcap's slope.
@@ -40,19 +44,28 @@ import triton.language as tl
 
 from ..spec import REDUCTION_CODES
 from .divergence import FORWARD_KL
-from .engine import (P_CE_WEIGHT, P_KD_WEIGHT, P_LOSS_WEIGHT, REDUCTION_BATCHMEAN, _llm_terms,
+from .engine import (P_CE_WEIGHT, P_KD_WEIGHT, P_LOSS_WEIGHT, P_NCKD_WEIGHT, P_TCKD_WEIGHT,
+                     REDUCTION_BATCHMEAN, _decoupled_row, _llm_terms,
                      _pass_gradient, _pass_row_stats, _pass_sums, _row_transform,
-                     acc_dtype, block_config, kernel_flags, param_tensor, row_ref, row_scales, row_temperature,
+                     acc_dtype, block_config, kernel_flags, param_tensor, row_ref, row_scales, row_status,
+                     row_temperature,
                      scale_rows_, unpack, zero_row)
 from .row_ops import log_prob, lse_init, lse_merge, lse_norm, softcap, topk_init
 
-#: the RowRecord's fields, in their order in memory
+#: the RowRecord's fields, in their order in memory; a decoupled (DKD/AEKT) spec adds DEC_FIELDS
 RECORD_FIELDS = ("m_s", "d_s", "m_t", "d_t", "m_raw", "d_raw", "x_y")
-RECORD = tl.constexpr(len(RECORD_FIELDS))
+DEC_FIELDS = ("t_y", "m_snt", "d_snt", "m_tnt", "d_tnt")
 PHASE_SUMS = tl.constexpr(0)
 PHASE_GRADIENT = tl.constexpr(1)
-#: the row terms launch 2 writes for the finish: (ok, kd_w·T², the row's constant term)
-ROW_TERMS = 3
+#: the row terms launch 3 writes for the finish: (ok, kd_w·T², nckd_w·T², the row's constant term)
+ROW_TERMS = tl.constexpr(4)
+#: the per-row parts all-reduced after launch 3: (Σ_local KD terms, Σ_local NCKD terms)
+ROW_PARTS = tl.constexpr(2)
+
+
+def record_width(use_dec: bool) -> int:
+    """R, the values of a RowRecord."""
+    return len(RECORD_FIELDS) + (len(DEC_FIELDS) if use_dec else 0)
 
 
 @triton.jit
@@ -89,32 +102,45 @@ def _shard_row(s_ptr, t_ptr, params_ptr, row, C, stride_s_row, stride_t_row, ign
 
 
 @triton.jit
+def _owner_logits(ref, y_loc, owned, zero, SOFTCAP_S: tl.constexpr, SOFTCAP_T: tl.constexpr):
+    """(x_y, t_y): the (softcapped) student and teacher logits at the label on the rank that owns it, −inf
+    elsewhere (two scalar loads, masked off the owner)."""
+    col = tl.maximum(y_loc, 0)
+    x_y = tl.load(ref[0] + col, mask=owned, other=-float("inf")).to(zero.dtype)
+    t_y = tl.load(ref[1] + col, mask=owned, other=-float("inf")).to(zero.dtype)
+    if SOFTCAP_S:
+        x_y = softcap(x_y, ref[5])
+    if SOFTCAP_T:
+        t_y = softcap(t_y, ref[6])
+    return x_y, t_y
+
+
+@triton.jit
 def _shard_stats_kernel(s_ptr, t_ptr, labels_ptr, temp_ptr, params_ptr, record_ptr, C, V, offset, stride_s_row,
                         stride_t_row, stride_temp, ignore_index, HAS_LABELS: tl.constexpr,
-                        TEMP_IS_TENSOR: tl.constexpr, USE_CE: tl.constexpr, BLOCK_C: tl.constexpr,
-                        SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr, SOFTCAP_S: tl.constexpr,
-                        SOFTCAP_T: tl.constexpr):
+                        TEMP_IS_TENSOR: tl.constexpr, USE_CE: tl.constexpr, USE_DEC: tl.constexpr,
+                        REC: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr,
+                        SOFTCAP_S: tl.constexpr, SOFTCAP_T: tl.constexpr):
     """Launch 1, one program per row: P3 over the local columns → the local RowRecord (an ignored row's is
-    empty: it reads nothing)."""
+    empty: it reads nothing). Decoupled: the non-target states, and the full ones with the target merged
+    in on its owner (P3's own merge)."""
     row = tl.program_id(0).to(tl.int64)
     y_loc, owned, ignored, bad = shard_label(labels_ptr, row, offset, C, V, ignore_index, HAS_LABELS)
     T = row_temperature(temp_ptr, params_ptr, row, stride_temp, TEMP_IS_TENSOR, ACC)
     ref, offs, xf, zero = _shard_row(s_ptr, t_ptr, params_ptr, row, C, stride_s_row, stride_t_row, ignored,
                                      BLOCK_C, SINGLE_BLOCK, ACC, SOFTCAP_S, SOFTCAP_T)
-    lse_s = lse_init(zero)
-    lse_t = lse_init(zero)
-    lse_raw = lse_init(zero)
+    stats = (lse_init(zero), lse_init(zero), lse_init(zero), lse_init(zero), lse_init(zero))
     x_y = zero - float("inf")
+    t_y = zero - float("inf")
     if not ignored:
-        stats, _, _, _, _, _ = _pass_row_stats(
-            ref, offs, xf, y_loc, (zero, zero), 1.0 / T, zero, topk_init(1, 2, ACC), False, USE_CE, False, False, 1,
-            False, False, 1, False, False, 1, 2, 2, BLOCK_C, SINGLE_BLOCK, ACC, SOFTCAP_S, SOFTCAP_T, 0, 0)
-        lse_s, lse_t, _, _, lse_raw, _, _ = stats
-        if USE_CE:
-            x_y = tl.load(ref[0] + tl.maximum(y_loc, 0), mask=owned, other=-float("inf")).to(ACC)
-            if SOFTCAP_S:
-                x_y = softcap(x_y, ref[5])
-    out = record_ptr + row * RECORD
+        if USE_CE or USE_DEC:
+            x_y, t_y = _owner_logits(ref, y_loc, owned, zero, SOFTCAP_S, SOFTCAP_T)
+        row_stats, _, _, _, _, _ = _pass_row_stats(
+            ref, offs, xf, y_loc, (x_y, t_y), 1.0 / T, zero, topk_init(1, 2, ACC), USE_DEC, USE_CE, False, False,
+            1, False, False, 1, False, False, 1, 2, 2, BLOCK_C, SINGLE_BLOCK, ACC, SOFTCAP_S, SOFTCAP_T, 0, 0)
+        stats = (row_stats[0], row_stats[1], row_stats[4], row_stats[2], row_stats[3])
+    out = record_ptr + row * REC
+    lse_s, lse_t, lse_raw, lse_snt, lse_tnt = stats
     tl.store(out + 0, lse_s[0])
     tl.store(out + 1, lse_s[1])
     tl.store(out + 2, lse_t[0])
@@ -122,24 +148,42 @@ def _shard_stats_kernel(s_ptr, t_ptr, labels_ptr, temp_ptr, params_ptr, record_p
     tl.store(out + 4, lse_raw[0])
     tl.store(out + 5, lse_raw[1])
     tl.store(out + 6, x_y)
+    if USE_DEC:
+        tl.store(out + 7, t_y)
+        tl.store(out + 8, lse_snt[0])
+        tl.store(out + 9, lse_snt[1])
+        tl.store(out + 10, lse_tnt[0])
+        tl.store(out + 11, lse_tnt[1])
 
 
 @triton.jit
-def merged_record(record_ptr, row, N, P, inv_T, zero):
+def _merge_state(state, rec, inv_t):
+    return lse_merge(state, (tl.load(rec), tl.load(rec + 1)), inv_t)
+
+
+@triton.jit
+def merged_record(record_ptr, row, N, P, inv_T, zero, USE_DEC: tl.constexpr, REC: tl.constexpr):
     """The row's RowRecord over the whole vocabulary: the P ranks' records ``[P, N, R]`` merged in rank order
-    (``lse_merge``, the merge of column blocks; the target logit from its owner) — the same bits on every
-    rank. Returns (lse_s, lse_t, lse_raw, x_y)."""
+    (``lse_merge``, the merge of column blocks; the target logits from their owner) — the same bits on
+    every rank. Returns ((lse_s, lse_t, lse_raw, lse_snt, lse_tnt), (x_y, t_y))."""
     lse_s = lse_init(zero)
     lse_t = lse_init(zero)
     lse_raw = lse_init(zero)
+    lse_snt = lse_init(zero)
+    lse_tnt = lse_init(zero)
     x_y = zero - float("inf")
+    t_y = zero - float("inf")
     for r in range(0, P):
-        rec = record_ptr + (r * N + row) * RECORD
-        lse_s = lse_merge(lse_s, (tl.load(rec + 0), tl.load(rec + 1)), inv_T)
-        lse_t = lse_merge(lse_t, (tl.load(rec + 2), tl.load(rec + 3)), inv_T)
-        lse_raw = lse_merge(lse_raw, (tl.load(rec + 4), tl.load(rec + 5)), 1.0)
+        rec = record_ptr + (r * N + row) * REC
+        lse_s = _merge_state(lse_s, rec + 0, inv_T)
+        lse_t = _merge_state(lse_t, rec + 2, inv_T)
+        lse_raw = _merge_state(lse_raw, rec + 4, 1.0)
         x_y = tl.maximum(x_y, tl.load(rec + 6))
-    return lse_s, lse_t, lse_raw, x_y
+        if USE_DEC:
+            t_y = tl.maximum(t_y, tl.load(rec + 7))
+            lse_snt = _merge_state(lse_snt, rec + 8, inv_T)
+            lse_tnt = _merge_state(lse_tnt, rec + 10, inv_T)
+    return (lse_s, lse_t, lse_raw, lse_snt, lse_tnt), (x_y, t_y)
 
 
 @triton.jit
@@ -148,12 +192,13 @@ def _shard_apply_kernel(s_ptr, t_ptr, labels_ptr, temp_ptr, gfactor_ptr, params_
                         stride_temp, stride_gfactor, ignore_index, HAS_LABELS: tl.constexpr,
                         TEMP_IS_TENSOR: tl.constexpr, HAS_GFACTOR: tl.constexpr, WRITE_GRAD: tl.constexpr,
                         PHASE: tl.constexpr, REDUCTION: tl.constexpr, USE_KD: tl.constexpr, USE_CE: tl.constexpr,
-                        BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr,
-                        BATCH_BLOCK: tl.constexpr, DIVERGENCE: tl.constexpr, SOFTCAP_S: tl.constexpr,
-                        SOFTCAP_T: tl.constexpr):
+                        USE_DEC: tl.constexpr, ADAPTIVE: tl.constexpr, REC: tl.constexpr, BLOCK_C: tl.constexpr,
+                        SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr, BATCH_BLOCK: tl.constexpr,
+                        DIVERGENCE: tl.constexpr, SOFTCAP_S: tl.constexpr, SOFTCAP_T: tl.constexpr):
     """Launches 2 and 3, one program per row: the merged RowRecord, then P5 (PHASE_SUMS: this shard's
-    (Σqg, Σd) → ``sums_ptr`` [N, 2]) or P6 (PHASE_GRADIENT: the local gradient; this shard's Σd →
-    ``part_ptr`` [N]; the row terms (ok, kd_w·T², constant) → ``terms_ptr`` [N, 3])."""
+    (Σqg, Σd) → ``sums_ptr`` [N, 2]) or P6 (PHASE_GRADIENT: the local gradient; this shard's KD and NCKD
+    sums → ``part_ptr`` [ROW_PARTS, N]; the row terms (ok, kd_w·T², nckd_w·T², constant: CE and α·T²·TCKD)
+    → ``terms_ptr`` [N, ROW_TERMS])."""
     row = tl.program_id(0).to(tl.int64)
     y_loc, owned, ignored, bad = shard_label(labels_ptr, row, offset, C, V, ignore_index, HAS_LABELS)
     T = row_temperature(temp_ptr, params_ptr, row, stride_temp, TEMP_IS_TENSOR, ACC)
@@ -166,61 +211,68 @@ def _shard_apply_kernel(s_ptr, t_ptr, labels_ptr, temp_ptr, gfactor_ptr, params_
                                            BATCH_BLOCK, ACC)
     g_row = grad_ptr + row * stride_g_row
     kd_w = tl.load(params_ptr + P_KD_WEIGHT)
-    ce_w = tl.load(params_ptr + P_CE_WEIGHT)
+    nckd_w = tl.load(params_ptr + P_NCKD_WEIGHT)
+    kl = (zero, zero, zero, zero)
     sum_qg = zero
-    sum_d = zero
     ok = zero
-    kd_coef = zero
     const = zero
     if ignored:
         if WRITE_GRAD and PHASE == PHASE_GRADIENT:
             zero_row(g_row, C, offs, BLOCK_C, ACC)
     else:
-        lse_s, lse_t, lse_raw, x_y = merged_record(record_ptr, row, N, P, inv_T, zero)
-        row_nan = bad | (lse_s[1] != lse_s[1]) | (lse_t[1] != lse_t[1])
-        row_ok = (~row_nan) & (lse_s[0] != -float("inf")) & (lse_t[0] != -float("inf"))
+        states, target = merged_record(record_ptr, row, N, P, inv_T, zero, USE_DEC, REC)
+        lse_s, lse_t, lse_raw, lse_snt, lse_tnt = states
+        row_nan, row_ok = row_status(lse_s, lse_t, bad)
         norm_s = lse_norm(lse_s)
         norm_t = lse_norm(lse_t)
         norm_raw = lse_norm(lse_raw)
-        # the engine's records, with only the KD family's fields live (engine._column_terms documents them)
-        norms = (norm_s, norm_t, norm_s, norm_t, norm_s, norm_t, norm_s, norm_t)
-        temps = (T, inv_T, T, T, inv_T, inv_T)
-        weights = (kd_w, zero, zero, zero)
+        norm_snt = lse_norm(lse_snt)
+        norm_tnt = lse_norm(lse_tnt)
+        # the engine's row scalars: CE and DKD/AEKT's (q_y, p_y, α_n, TCKD), from the merged record
+        if USE_CE:
+            const += tl.load(params_ptr + P_CE_WEIGHT) * -log_prob(target[0], norm_raw, 1.0)
         dec = (zero, zero, zero)
+        if USE_DEC:
+            q_y, p_y, alpha_n, tckd = _decoupled_row(norm_s, norm_t, norm_snt, norm_tnt, target, inv_T,
+                                                     tl.load(params_ptr + P_TCKD_WEIGHT), params_ptr, ADAPTIVE)
+            dec = (q_y, p_y, alpha_n)
+            const += T * T * alpha_n * tckd
+        # the engine's records, with only the fields of this family live (engine._column_terms documents them)
+        norms = (norm_s, norm_t, norm_snt, norm_tnt, norm_s, norm_t, norm_s, norm_t)
+        temps = (T, inv_T, T, T, inv_T, inv_T)
+        weights = (kd_w, nckd_w, zero, zero)
         unused_list = (tl.zeros([2], tl.int32), tl.zeros([2], ACC))
         tdl = (unused_list[0], unused_list[0], zero, zero, zero, zero, zero, zero)
         _, llm = _llm_terms(params_ptr, topk_init(1, 2, ACC), (lse_init(zero), lse_init(zero)), norm_s, norm_t, T,
                             inv_T, kd_w, row_ok, 0, zero, DIVERGENCE, 0, 0)
         if PHASE == PHASE_SUMS:
             kl, _, _, _, dsum = _pass_sums(ref, offs, xf, y_loc, norms, temps, weights, dec, unused_list, tdl,
-                                           (zero, zero), llm, zero, USE_KD, False, False, False, False, 1, False,
+                                           (zero, zero), llm, zero, USE_KD, False, USE_DEC, False, False, 1, False,
                                            False, False, 1, 2, 2, BLOCK_C, SINGLE_BLOCK, ACC, SOFTCAP_S, SOFTCAP_T,
                                            DIVERGENCE, 0, 0)
             sum_qg = dsum[0]
-            sum_d = kl[0]
         else:
             if DIVERGENCE != FORWARD_KL:  # the global Σqg (launch 2, all-reduced)
                 llm = (llm[0], tl.load(sums_ptr + row * 2), llm[2], llm[3], llm[4], llm[5], llm[6], llm[7], llm[8],
                        llm[9])
             kl = _pass_gradient(ref, offs, xf, y_loc, g_row, norms, temps, weights, dec, unused_list, tdl,
-                                (zero, zero), (zero, zero, zero, 0, zero), (ce_w, norm_raw),
-                                (g_scale, row_ok, row_nan), llm, zero, WRITE_GRAD, DIVERGENCE != FORWARD_KL, USE_KD,
-                                False, False, USE_CE, False, False, 1, False, False, False, 1, 2, 2, BLOCK_C,
-                                SINGLE_BLOCK, ACC, SOFTCAP_S, SOFTCAP_T, DIVERGENCE, 0, 0)
-            sum_d = kl[0]
-            if USE_CE:
-                const = ce_w * -log_prob(x_y, norm_raw, 1.0)
-            ok = tl.where(row_ok, 1.0, 0.0)
-            kd_coef = tl.where(row_ok, kd_w * T * T, 0.0)
-            const = tl.where(row_ok, const, tl.where(row_nan, float("nan"), 0.0))
+                                (zero, zero), (zero, zero, zero, 0, zero),
+                                (tl.load(params_ptr + P_CE_WEIGHT), norm_raw), (g_scale, row_ok, row_nan), llm, zero,
+                                WRITE_GRAD, DIVERGENCE != FORWARD_KL, USE_KD, False, USE_DEC, USE_CE, False, False,
+                                1, False, False, False, 1, 2, 2, BLOCK_C, SINGLE_BLOCK, ACC, SOFTCAP_S, SOFTCAP_T,
+                                DIVERGENCE, 0, 0)
+        ok = tl.where(row_ok, 1.0, 0.0)
+        const = tl.where(row_ok, const, tl.where(row_nan, float("nan"), 0.0))
     if PHASE == PHASE_SUMS:
         tl.store(sums_ptr + row * 2, sum_qg)
-        tl.store(sums_ptr + row * 2 + 1, sum_d)
+        tl.store(sums_ptr + row * 2 + 1, kl[0])
     else:
-        tl.store(part_ptr + row, sum_d)
-        tl.store(terms_ptr + row * 3, ok)
-        tl.store(terms_ptr + row * 3 + 1, kd_coef)
-        tl.store(terms_ptr + row * 3 + 2, const)
+        tl.store(part_ptr + row, kl[0])  # part is [ROW_PARTS, N]: each part contiguous for its all_reduce
+        tl.store(part_ptr + N + row, kl[1])
+        tl.store(terms_ptr + row * ROW_TERMS, ok)
+        tl.store(terms_ptr + row * ROW_TERMS + 1, ok * kd_w * T * T)
+        tl.store(terms_ptr + row * ROW_TERMS + 2, ok * nckd_w * T * T)
+        tl.store(terms_ptr + row * ROW_TERMS + 3, const)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -229,9 +281,9 @@ def _shard_apply_kernel(s_ptr, t_ptr, labels_ptr, temp_ptr, gfactor_ptr, params_
 def shard_unsupported(spec, temperature: Optional[torch.Tensor]) -> Optional[str]:
     """Why the split does not take a :class:`~kdkernels.LogitDistill` spec (None when it does): it takes the
     KD family — the KD term with any divergence over the whole vocabulary, CE, softcap, a fixed
-    temperature; the other presets run the sharded formulas (kdkernels.parallel)."""
+    temperature — and DKD/AEKT; the other presets run the sharded formulas (kdkernels.parallel)."""
     for what, used in (("standardize", spec.standardize), ("teacher_topk_scale", spec.teacher_topk_scale),
-                       ("a decoupled (DKD/AEKT) term", spec.decoupled), ("LDRLD's relation term", spec.relation),
+                       ("LDRLD's relation term", spec.relation),
                        ("TopKD's TDL", spec.tdl), ("a top-k teacher", spec.teacher_topk),
                        ("DTKD", spec.dtkd_weight != 0), ("value='cross_entropy'", spec.value != "kl"),
                        ("a learnable temperature", temperature is not None and temperature.requires_grad)):
@@ -269,18 +321,20 @@ def shard_forward(s, t, labels, temperature, spec, grad, grad_factor, shard: Sha
     flags = kernel_flags(p, learnable=False, has_labels=labels is not None, temp_is_tensor=temperature is not None,
                          has_gfactor=grad_factor is not None, write_grad=grad is not None, dtype=s.dtype, C=C)
     block, single, num_warps = block_config(C)
+    use_dec = flags["USE_DEC"]
+    rec = record_width(use_dec)
     row_flags = dict(HAS_LABELS=flags["HAS_LABELS"], TEMP_IS_TENSOR=flags["TEMP_IS_TENSOR"], USE_CE=flags["USE_CE"],
-                     BLOCK_C=block, SINGLE_BLOCK=single, ACC=flags["ACC"], SOFTCAP_S=flags["SOFTCAP_S"],
-                     SOFTCAP_T=flags["SOFTCAP_T"])
+                     USE_DEC=use_dec, REC=rec, BLOCK_C=block, SINGLE_BLOCK=single, ACC=flags["ACC"],
+                     SOFTCAP_S=flags["SOFTCAP_S"], SOFTCAP_T=flags["SOFTCAP_T"])
     dummy = params
     lab = labels if labels is not None else dummy
     temp = temperature if temperature is not None else dummy
     stride_temp = temperature.stride(0) if temperature is not None else 0
     ignore_index = int(p["ignore_index"])
-    record = torch.empty(N, len(RECORD_FIELDS), dtype=acc, device=s.device)
+    record = torch.empty(N, rec, dtype=acc, device=s.device)
     if N > 0:
         _shard_stats_kernel[(N,)](s, t, lab, temp, params, record, C, shard.vocab, shard.offset, s.stride(0),
-                                         t.stride(0), stride_temp, ignore_index, num_warps=num_warps, **row_flags)
+                                  t.stride(0), stride_temp, ignore_index, num_warps=num_warps, **row_flags)
     records = all_gather_records(record, shard.group)                  # [P, N, R]
     divergence = flags["DIVERGENCE"]
 
@@ -293,28 +347,30 @@ def shard_forward(s, t, labels, temperature, spec, grad, grad_factor, shard: Sha
             s.stride(0), t.stride(0), g.stride(0) if g is not None else 0, stride_temp,
             grad_factor.stride(0) if grad_factor is not None else 0, ignore_index, HAS_GFACTOR=grad_factor is not None,
             WRITE_GRAD=g is not None, PHASE=phase, REDUCTION=flags["REDUCTION"], USE_KD=flags["USE_KD"],
-            BATCH_BLOCK=flags["BATCH_BLOCK"], DIVERGENCE=divergence, num_warps=num_warps, **row_flags)
+            ADAPTIVE=flags["ADAPTIVE"], BATCH_BLOCK=flags["BATCH_BLOCK"], DIVERGENCE=divergence,
+            num_warps=num_warps, **row_flags)
 
-    part = torch.zeros(N, dtype=acc, device=s.device)
-    terms = torch.zeros(N, ROW_TERMS, dtype=acc, device=s.device)
+    part = torch.zeros(ROW_PARTS.value, N, dtype=acc, device=s.device)
+    terms = torch.zeros(N, ROW_TERMS.value, dtype=acc, device=s.device)
     sums = dummy
     if divergence != FORWARD_KL:  # launch 2: this shard's (Σqg, Σd); all-reduced before the gradient
         sums = torch.zeros(N, 2, dtype=acc, device=s.device)
-        apply(0, sums, part, terms, None)
+        apply(PHASE_SUMS.value, sums, part, terms, None)
         all_reduce(sums, shard.group, "row sums")
-    apply(1, sums, part, terms, grad)
-    if divergence == FORWARD_KL:
-        all_reduce(part, shard.group, "row losses")
-        sum_d = part
+    apply(PHASE_GRADIENT.value, sums, part, terms, grad)
+    if divergence == FORWARD_KL:  # the KD (and NCKD) parts of the local columns, summed over the ranks
+        all_reduce(part[:2] if use_dec else part[:1], shard.group, "row losses")
     else:
-        sum_d = sums[:, 1]
-    return _finish(sum_d, terms, labels, p, acc), None
+        part[0] = sums[:, 1]
+    return _finish(part, terms, labels, p, acc), None
 
 
-def _finish(sum_d, terms, labels, p: dict, acc) -> torch.Tensor:
-    """The loss from the all-reduced Σd [N] and the row terms [N, 3] (on [N]: the same on every rank)."""
-    ok, kd_coef, const = terms.unbind(1)
-    rows = torch.where(ok > 0, kd_coef * sum_d.clamp(min=0.0) + const, const) * p["loss_weight"]
+def _finish(part, terms, labels, p: dict, acc) -> torch.Tensor:
+    """The loss from the all-reduced parts [ROW_PARTS, N] and the row terms [N, ROW_TERMS]: a few ops on
+    [N], the same on every rank (each KL clamped at 0 as in the engine; NaN and empty rows as it)."""
+    ok, kd_coef, nckd_coef, const = terms.unbind(1)
+    kl = kd_coef * part[0].clamp(min=0.0) + nckd_coef * part[1].clamp(min=0.0)
+    rows = torch.where(ok > 0, kl + const, const) * p["loss_weight"]
     reduction = int(p["reduction"])
     if reduction == REDUCTION_CODES["none"]:
         return rows
