@@ -9,8 +9,8 @@ receives is its slice of the unsharded gradient.
 Two engines (docs/tensor_parallel.md):
 
 * **The Triton split** (:mod:`kdkernels._triton.shard`, chosen by :func:`_split_launcher`) for the KD
-  family — the KD term with any divergence over the whole vocabulary, CE, softcap, a fixed temperature —
-  and DKD/AEKT:
+  family — the KD term with any divergence over the whole vocabulary, CE, softcap, a fixed or learnable
+  temperature — and DKD/AEKT:
   one launch writes each row's record (LSE states, the target logit) over the local columns, one
   ``all_gather`` of the records, one launch writes the local gradient, one ``all_reduce`` of the per-row
   divergence parts; it goes through the engine's autograd Function like any launcher (one ``[N, V_r]``
@@ -372,7 +372,7 @@ def _split_launcher(backend, device, spec, temperature, reason: Optional[str], g
     if explicit:
         raise BackendUnavailableError(
             f"backend='triton' on sharded logits runs the KD family (any divergence over the whole vocabulary, "
-            f"CE, softcap, a fixed temperature); {reason} is evaluated by the sharded formulas: use "
+            f"CE, softcap, a fixed or learnable temperature) and DKD/AEKT; {reason} is evaluated by the sharded formulas: use "
             "backend='auto' or 'reference' (docs/tensor_parallel.md)")
     return None
 

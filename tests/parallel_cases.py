@@ -185,7 +185,7 @@ def run_split_special(group, offset, width):
     """The Triton split beyond the case table: rows streamed in blocks of 4 columns, a per-row temperature
     tensor, a bf16 student with an fp32 teacher, fp16 logits (gradient written in backward with grad_output
     folded in), no_grad (no gradient work), an all-−inf student row on one shard only, a NaN on one shard
-    (its row NaN on every rank). Returns name → [loss error, gradient error]."""
+    (its row NaN on every rank), a learnable temperature. Returns name → [loss error, gradient errors]."""
     from kdkernels._triton.engine import forced_block_c
 
     gen = torch.Generator().manual_seed(99)
@@ -218,6 +218,15 @@ def run_split_special(group, offset, width):
     with torch.no_grad():
         got = kd(cols(s), cols(t), group, backend="triton")
     out["no_grad"] = [_rel(got, kd(s, t, None)), 0.0]
+    for reduction in ("batchmean", "none"):  # a learnable per-row temperature (CTKD): exact on every rank
+        def ctkd(s_, t_, T_, g, **kw):
+            return kdk.kd_loss(s_, t_, T_, labels=_labels(), ce_weight=0.3, reduction=reduction, loss_weight=0.7,
+                               process_group=g, **kw)
+        s_full, s_shard = s.clone().requires_grad_(), cols(s).clone().requires_grad_()
+        T_full, T_shard = T.clone().requires_grad_(), T.clone().requires_grad_()
+        out[f"learnable_temperature_{reduction}"] = _compare(
+            lambda: ctkd(s_full, t, T_full, None), lambda: ctkd(s_shard, cols(t), T_shard, group, backend="triton"),
+            [s_full, T_full], [s_shard, T_shard], [cols, None])
     return out
 
 

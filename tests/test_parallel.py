@@ -29,7 +29,7 @@ NAMES = (list(CASES) + list(SPARSE_CASES) + ["temperature", "fused_linear", "dte
 #: the Triton split's special cases (tests/parallel_cases.run_split_special): tolerance of loss and gradient
 SPLIT_SPECIAL_TOL = {"streamed": 1e-12, "streamed_jsd": 1e-12, "row_temperature": 1e-12,
                      "bf16_student_fp32_teacher": 1e-2, "fp16": 2e-3, "masked_one_shard_nan_row": 1e-12,
-                     "no_grad": 1e-12}
+                     "no_grad": 1e-12, "learnable_temperature_batchmean": 1e-12, "learnable_temperature_none": 1e-12}
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
@@ -63,7 +63,8 @@ def test_every_preset_matches_unsharded(group_results, dtype):
 @pytest.mark.skipif(not SPLIT, reason="the Triton split runs on CUDA or under TRITON_INTERPRET=1")
 def test_triton_split_special_cases(group_results):
     """Streamed rows, a per-row temperature, mixed bf16/fp32, fp16, no_grad, a student row −inf on one shard
-    only, a NaN on one shard: each rank's loss and gradient slice equal the unsharded ones."""
+    only, a NaN on one shard, a learnable temperature (its gradient on every rank): each rank's loss and
+    gradient slice equal the unsharded ones."""
     world, ranks = group_results
     failures = []
     for rank, res in enumerate(ranks):

@@ -60,7 +60,8 @@ def shard_jobs():
     specs = {"kd+ce+softcap": kdk.LogitDistill(temperature=2.0, ce_weight=0.5, softcap=30.0),
              "jsd": kdk.LogitDistill(temperature=1.0, divergence=("jsd", 0.5)),
              "aekt": kdk.LogitDistill(temperature=4.0, kd_weight=0.0,
-                                      decoupled=kdk.Decoupled(alpha=1.0, beta=8.0, adaptive=True))}
+                                      decoupled=kdk.Decoupled(alpha=1.0, beta=8.0, adaptive=True)),
+             "kd learnable T": kdk.LogitDistill(temperature=torch.ones(1, requires_grad=True), ce_weight=0.5)}
     for name, spec in specs.items():
         for dtype, C in ((torch.float32, 1000), (torch.bfloat16, 16_000)):
             flags = E.kernel_flags(E.unpack(*spec.pack()), learnable=False, has_labels=True, temp_is_tensor=False,
@@ -77,7 +78,7 @@ def shard_jobs():
                                            offset="i32", stride_s_row="i32", stride_t_row="i32",
                                            stride_temp="i32", ignore_index="i32"),
                          "constexprs": row, "label": f"shard stats {name} {ty} C={C}"})
-            for phase in (0, 1) if flags["DIVERGENCE"] else (1,):
+            for phase in (0, 1) if flags["DIVERGENCE"] or spec.learnable_temperature else (1,):
                 jobs.append({"kernel": "kdkernels._triton.shard:_shard_apply_kernel", "num_warps": warps,
                              "signature": dict(base, gfactor_ptr="*" + acc, params_ptr="*" + acc,
                                                record_ptr="*" + acc, sums_ptr="*" + acc, grad_ptr="*" + ty,
@@ -87,7 +88,7 @@ def shard_jobs():
                                                ignore_index="i32"),
                              "constexprs": dict(row, HAS_GFACTOR=False, WRITE_GRAD=True, PHASE=phase,
                                                 REDUCTION=flags["REDUCTION"], USE_KD=flags["USE_KD"],
-                                                ADAPTIVE=flags["ADAPTIVE"],
+                                                ADAPTIVE=flags["ADAPTIVE"], WANT_DTEMP=spec.learnable_temperature,
                                                 BATCH_BLOCK=flags["BATCH_BLOCK"], DIVERGENCE=flags["DIVERGENCE"]),
                              "label": f"shard apply phase {phase} {name} {ty} C={C}"})
     return jobs

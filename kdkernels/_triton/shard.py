@@ -2,8 +2,8 @@
 
 Rank ``r`` of a process group of ``P`` ranks holds the columns ``[offset, offset + C)`` of a ``V``-class row
 (labels are global class ids). For the KD family — the KD term with any divergence over the whole
-vocabulary, CE, softcap, a fixed (scalar or per-row) temperature — and for DKD/AEKT, the unsharded row needs
-from the other ranks only its RowRecord: the LSE states (in the logits' units, engine.py "Numerics") of
+vocabulary, CE, softcap, a temperature (scalar, per-row, or learnable) — and for DKD/AEKT, the unsharded
+row needs from the other ranks only its RowRecord: the LSE states (in the logits' units, engine.py "Numerics") of
 ``s/T``, ``t/T`` and of the raw student (CE), and the student's target logit (CE; the label lives on one
 rank); DKD/AEKT add the teacher's target logit and the non-target states of ``s/T`` and ``t/T``::
 
@@ -192,11 +192,13 @@ def _shard_apply_kernel(s_ptr, t_ptr, labels_ptr, temp_ptr, gfactor_ptr, params_
                         stride_temp, stride_gfactor, ignore_index, HAS_LABELS: tl.constexpr,
                         TEMP_IS_TENSOR: tl.constexpr, HAS_GFACTOR: tl.constexpr, WRITE_GRAD: tl.constexpr,
                         PHASE: tl.constexpr, REDUCTION: tl.constexpr, USE_KD: tl.constexpr, USE_CE: tl.constexpr,
-                        USE_DEC: tl.constexpr, ADAPTIVE: tl.constexpr, REC: tl.constexpr, BLOCK_C: tl.constexpr,
+                        USE_DEC: tl.constexpr, ADAPTIVE: tl.constexpr, WANT_DTEMP: tl.constexpr,
+                        REC: tl.constexpr, BLOCK_C: tl.constexpr,
                         SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr, BATCH_BLOCK: tl.constexpr,
                         DIVERGENCE: tl.constexpr, SOFTCAP_S: tl.constexpr, SOFTCAP_T: tl.constexpr):
     """Launches 2 and 3, one program per row: the merged RowRecord, then P5 (PHASE_SUMS: this shard's
-    (Σqg, Σd) → ``sums_ptr`` [N, 2]) or P6 (PHASE_GRADIENT: the local gradient; this shard's KD and NCKD
+    (Σqg, Σd[, a1, a2, a3]) → ``sums_ptr`` [N, 2 or 5] — the a's: a learnable temperature's sums) or P6
+    (PHASE_GRADIENT: the local gradient; this shard's KD and NCKD
     sums → ``part_ptr`` [ROW_PARTS, N]; the row terms (ok, kd_w·T², nckd_w·T², constant: CE and α·T²·TCKD)
     → ``terms_ptr`` [N, ROW_TERMS])."""
     row = tl.program_id(0).to(tl.int64)
@@ -213,6 +215,7 @@ def _shard_apply_kernel(s_ptr, t_ptr, labels_ptr, temp_ptr, gfactor_ptr, params_
     kd_w = tl.load(params_ptr + P_KD_WEIGHT)
     nckd_w = tl.load(params_ptr + P_NCKD_WEIGHT)
     kl = (zero, zero, zero, zero)
+    a = (zero, zero, zero)
     sum_qg = zero
     ok = zero
     const = zero
@@ -246,13 +249,16 @@ def _shard_apply_kernel(s_ptr, t_ptr, labels_ptr, temp_ptr, gfactor_ptr, params_
         _, llm = _llm_terms(params_ptr, topk_init(1, 2, ACC), (lse_init(zero), lse_init(zero)), norm_s, norm_t, T,
                             inv_T, kd_w, row_ok, 0, zero, DIVERGENCE, 0, 0)
         if PHASE == PHASE_SUMS:
-            kl, _, _, _, dsum = _pass_sums(ref, offs, xf, y_loc, norms, temps, weights, dec, unused_list, tdl,
-                                           (zero, zero), llm, zero, USE_KD, False, USE_DEC, False, False, 1, False,
+            # the learnable-T sums are shifted by the row maxima, as in the engine (exact for any shift)
+            shifts = (tl.where(lse_s[0] == -float("inf"), 0.0, lse_s[0]),
+                      tl.where(lse_t[0] == -float("inf"), 0.0, lse_t[0]))
+            kl, _, a, _, dsum = _pass_sums(ref, offs, xf, y_loc, norms, temps, weights, dec, unused_list, tdl,
+                                           shifts, llm, zero, USE_KD, WANT_DTEMP, USE_DEC, False, False, 1, False,
                                            False, False, 1, 2, 2, BLOCK_C, SINGLE_BLOCK, ACC, SOFTCAP_S, SOFTCAP_T,
                                            DIVERGENCE, 0, 0)
             sum_qg = dsum[0]
         else:
-            if DIVERGENCE != FORWARD_KL:  # the global Σqg (launch 2, all-reduced)
+            if DIVERGENCE != FORWARD_KL:  # the global Σqg (launch 2, all-reduced; no learnable T here)
                 llm = (llm[0], tl.load(sums_ptr + row * 2), llm[2], llm[3], llm[4], llm[5], llm[6], llm[7], llm[8],
                        llm[9])
             kl = _pass_gradient(ref, offs, xf, y_loc, g_row, norms, temps, weights, dec, unused_list, tdl,
@@ -264,8 +270,13 @@ def _shard_apply_kernel(s_ptr, t_ptr, labels_ptr, temp_ptr, gfactor_ptr, params_
         ok = tl.where(row_ok, 1.0, 0.0)
         const = tl.where(row_ok, const, tl.where(row_nan, float("nan"), 0.0))
     if PHASE == PHASE_SUMS:
-        tl.store(sums_ptr + row * 2, sum_qg)
-        tl.store(sums_ptr + row * 2 + 1, kl[0])
+        SUMS_WIDTH: tl.constexpr = 5 if WANT_DTEMP else 2
+        tl.store(sums_ptr + row * SUMS_WIDTH, sum_qg)
+        tl.store(sums_ptr + row * SUMS_WIDTH + 1, kl[0])
+        if WANT_DTEMP:
+            tl.store(sums_ptr + row * SUMS_WIDTH + 2, a[0])
+            tl.store(sums_ptr + row * SUMS_WIDTH + 3, a[1])
+            tl.store(sums_ptr + row * SUMS_WIDTH + 4, a[2])
     else:
         tl.store(part_ptr + row, kl[0])  # part is [ROW_PARTS, N]: each part contiguous for its all_reduce
         tl.store(part_ptr + N + row, kl[1])
@@ -280,13 +291,12 @@ def _shard_apply_kernel(s_ptr, t_ptr, labels_ptr, temp_ptr, gfactor_ptr, params_
 # -------------------------------------------------------------------------------------------------
 def shard_unsupported(spec, temperature: Optional[torch.Tensor]) -> Optional[str]:
     """Why the split does not take a :class:`~kdkernels.LogitDistill` spec (None when it does): it takes the
-    KD family — the KD term with any divergence over the whole vocabulary, CE, softcap, a fixed
+    KD family — the KD term with any divergence over the whole vocabulary, CE, softcap, a fixed or learnable
     temperature — and DKD/AEKT; the other presets run the sharded formulas (kdkernels.parallel)."""
     for what, used in (("standardize", spec.standardize), ("teacher_topk_scale", spec.teacher_topk_scale),
                        ("LDRLD's relation term", spec.relation),
                        ("TopKD's TDL", spec.tdl), ("a top-k teacher", spec.teacher_topk),
-                       ("DTKD", spec.dtkd_weight != 0), ("value='cross_entropy'", spec.value != "kl"),
-                       ("a learnable temperature", temperature is not None and temperature.requires_grad)):
+                       ("DTKD", spec.dtkd_weight != 0), ("value='cross_entropy'", spec.value != "kl")):
         if used:
             return what
     return None
@@ -317,8 +327,9 @@ def shard_forward(s, t, labels, temperature, spec, grad, grad_factor, shard: Sha
     acc = acc_dtype(s.dtype)
     floats, ints = spec.pack()
     p = unpack(floats, ints)
+    learnable = spec.learnable_temperature
     params = param_tensor(floats, s.device, acc)
-    flags = kernel_flags(p, learnable=False, has_labels=labels is not None, temp_is_tensor=temperature is not None,
+    flags = kernel_flags(p, learnable=learnable, has_labels=labels is not None, temp_is_tensor=temperature is not None,
                          has_gfactor=grad_factor is not None, write_grad=grad is not None, dtype=s.dtype, C=C)
     block, single, num_warps = block_config(C)
     use_dec = flags["USE_DEC"]
@@ -347,35 +358,50 @@ def shard_forward(s, t, labels, temperature, spec, grad, grad_factor, shard: Sha
             s.stride(0), t.stride(0), g.stride(0) if g is not None else 0, stride_temp,
             grad_factor.stride(0) if grad_factor is not None else 0, ignore_index, HAS_GFACTOR=grad_factor is not None,
             WRITE_GRAD=g is not None, PHASE=phase, REDUCTION=flags["REDUCTION"], USE_KD=flags["USE_KD"],
-            ADAPTIVE=flags["ADAPTIVE"], BATCH_BLOCK=flags["BATCH_BLOCK"], DIVERGENCE=divergence,
-            num_warps=num_warps, **row_flags)
+            ADAPTIVE=flags["ADAPTIVE"], WANT_DTEMP=learnable, BATCH_BLOCK=flags["BATCH_BLOCK"],
+            DIVERGENCE=divergence, num_warps=num_warps, **row_flags)
 
     part = torch.zeros(ROW_PARTS.value, N, dtype=acc, device=s.device)
     terms = torch.zeros(N, ROW_TERMS.value, dtype=acc, device=s.device)
     sums = dummy
-    if divergence != FORWARD_KL:  # launch 2: this shard's (Σqg, Σd); all-reduced before the gradient
-        sums = torch.zeros(N, 2, dtype=acc, device=s.device)
+    if divergence != FORWARD_KL or learnable:  # launch 2: this shard's sums; all-reduced before the gradient
+        sums = torch.zeros(N, 5 if learnable else 2, dtype=acc, device=s.device)
         apply(PHASE_SUMS.value, sums, part, terms, None)
         all_reduce(sums, shard.group, "row sums")
     apply(PHASE_GRADIENT.value, sums, part, terms, grad)
-    if divergence == FORWARD_KL:  # the KD (and NCKD) parts of the local columns, summed over the ranks
+    if sums is dummy:  # the KD (and NCKD) parts of the local columns, summed over the ranks
         all_reduce(part[:2] if use_dec else part[:1], shard.group, "row losses")
     else:
         part[0] = sums[:, 1]
-    return _finish(part, terms, labels, p, acc), None
+    row_scale = p["loss_weight"] / _count(labels, p, N, acc, s.device)
+    dtemp = _dtemp(sums, terms, temperature, p, acc) * row_scale if learnable else None
+    return _finish(part, terms, row_scale, p), dtemp
 
 
-def _finish(part, terms, labels, p: dict, acc) -> torch.Tensor:
+def _count(labels, p: dict, N: int, acc, device) -> torch.Tensor:
+    """batchmean's divisor (the valid rows, at least 1; on the device), else 1."""
+    if int(p["reduction"]) != REDUCTION_CODES["batchmean"]:
+        return torch.ones((), dtype=acc, device=device)
+    count = torch.full((), N, device=device) if labels is None else (labels != int(p["ignore_index"])).sum()
+    return count.clamp(min=1).to(acc)
+
+
+def _dtemp(sums, terms, temperature, p: dict, acc) -> torch.Tensor:
+    """∂ℓ_n/∂T_n of the KD term from the all-reduced sums (engine: kd_w·[2T·KL − (a1 + a2 − KL·a3)]); NaN
+    rows NaN, empty and ignored rows 0."""
+    kl, a1, a2, a3 = sums[:, 1], sums[:, 2], sums[:, 3], sums[:, 4]
+    T = temperature.to(acc)
+    d = p["kd_weight"] * (2.0 * T * kl - (a1 + a2 - kl * a3))
+    ok, const = terms[:, 0], terms[:, 3]
+    return torch.where(ok > 0, d, torch.where(torch.isnan(const), const, torch.zeros_like(d)))
+
+
+def _finish(part, terms, row_scale, p: dict) -> torch.Tensor:
     """The loss from the all-reduced parts [ROW_PARTS, N] and the row terms [N, ROW_TERMS]: a few ops on
     [N], the same on every rank (each KL clamped at 0 as in the engine; NaN and empty rows as it)."""
     ok, kd_coef, nckd_coef, const = terms.unbind(1)
     kl = kd_coef * part[0].clamp(min=0.0) + nckd_coef * part[1].clamp(min=0.0)
-    rows = torch.where(ok > 0, kl + const, const) * p["loss_weight"]
-    reduction = int(p["reduction"])
-    if reduction == REDUCTION_CODES["none"]:
-        return rows
-    total = rows.sum()
-    if reduction == REDUCTION_CODES["batchmean"]:
-        count = rows.shape[0] if labels is None else (labels != int(p["ignore_index"])).sum()
-        total = total / torch.as_tensor(count, device=rows.device).clamp(min=1).to(acc)
-    return total
+    rows = torch.where(ok > 0, kl + const, const)
+    if int(p["reduction"]) == REDUCTION_CODES["none"]:
+        return rows * p["loss_weight"]
+    return rows.sum() * row_scale
