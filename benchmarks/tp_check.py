@@ -18,12 +18,28 @@ import torch.distributed as dist
 
 import kdkernels as kdk
 
-#: (name, loss) of the presets checked: forward KL + CE (the split's shortest path), JSD (three launches), DKD
+#: (name, loss) of the presets checked: forward KL + CE (the split's shortest path), JSD (three launches), DKD,
+#: a stored top-K teacher with its tail (one exchange, no all_reduce)
 PRESETS = {
     "kd+ce": lambda s, t, y, **kw: kdk.kd_loss(s, t, 1.0, labels=y, ce_weight=0.5, **kw),
     "jsd": lambda s, t, y, **kw: kdk.kd_loss(s, t, 1.0, labels=y, divergence=("jsd", 0.5), **kw),
     "dkd": lambda s, t, y, **kw: kdk.dkd_loss(s, t, y, 1.0, 8.0, 4.0, **kw),
+    "sparse tail K=64 + ce": lambda s, t, y, **kw: kdk.kd_loss(s, _stored_top_k(t, 64, "tail"), 1.0, labels=y,
+                                                            ce_weight=0.5, **kw),
 }
+
+
+def _stored_top_k(t: torch.Tensor, K: int, normalize: str) -> kdk.SparseTeacher:
+    """The teacher's top-K log-probabilities, as an offline teacher stores them (cached per tensor)."""
+    key = (id(t), K, normalize)
+    if key not in _TEACHERS:
+        lp = torch.log_softmax(t.float(), -1)
+        ids = lp.topk(min(K, t.shape[-1] - 1), -1).indices
+        _TEACHERS[key] = kdk.SparseTeacher(ids, lp.gather(-1, ids), normalize)
+    return _TEACHERS[key]
+
+
+_TEACHERS: dict = {}
 
 
 def _bench(fn, device) -> float:

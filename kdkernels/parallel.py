@@ -10,7 +10,7 @@ Two engines (docs/tensor_parallel.md):
 
 * **The Triton split** (:mod:`kdkernels._triton.shard`, chosen by :func:`_split_launcher`) for the KD
   family — the KD term with any divergence over the whole vocabulary, CE, softcap, a fixed or learnable
-  temperature — and DKD/AEKT:
+  temperature —, DKD/AEKT and sparse teachers:
   one launch writes each row's record (LSE states, the target logit) over the local columns, one
   ``all_gather`` of the records, one launch writes the local gradient, one ``all_reduce`` of the per-row
   divergence parts; it goes through the engine's autograd Function like any launcher (one ``[N, V_r]``
@@ -372,7 +372,7 @@ def _split_launcher(backend, device, spec, temperature, reason: Optional[str], g
     if explicit:
         raise BackendUnavailableError(
             f"backend='triton' on sharded logits runs the KD family (any divergence over the whole vocabulary, "
-            f"CE, softcap, a fixed or learnable temperature) and DKD/AEKT; {reason} is evaluated by the sharded formulas: use "
+            f"CE, softcap, a fixed or learnable temperature), DKD/AEKT and sparse teachers; {reason} is evaluated by the sharded formulas: use "
             "backend='auto' or 'reference' (docs/tensor_parallel.md)")
     return None
 
@@ -423,14 +423,16 @@ def sharded_logit_distill(s, t, labels, spec, group=None, vocab_offset: Optional
             check_sparse_values(ids, logprobs, vocab)
     teacher_grad = not sparse and t.requires_grad and torch.is_grad_enabled()
     split = _split_launcher(backend, s.device, spec, temperature,
-                            "a sparse teacher" if sparse else "a teacher that requires grad" if teacher_grad else None,
+                            "a teacher that requires grad" if teacher_grad else None,
                             group, offset, vocab)
     if split is not None:  # the fused split: row records cross ranks, the gradient written in forward
         from .engine import fused_logit_distill
         from .functional import packed
         s2d = s2d if s2d.stride(-1) == 1 else s2d.contiguous()
-        t2d = t2d if t2d.stride(-1) == 1 else t2d.contiguous()
-        loss = fused_logit_distill(s2d, t2d, labels, temperature, packed(spec), split)
+        if not sparse:
+            t2d = t2d if t2d.stride(-1) == 1 else t2d.contiguous()
+        form = (t2d.normalize, t2d.ids.shape[-1]) if sparse else None
+        loss = fused_logit_distill(s2d, t2d, labels, temperature, packed(spec, form), split)
     else:
         if temperature is not None:
             temperature = replicated(temperature, group)

@@ -198,7 +198,7 @@ def run_split_special(group, offset, width):
         s_full, s_shard = s_.clone().requires_grad_(), cols(s_).clone().requires_grad_()
         ref = fn(s_full, t_, None)
         (ref * grad_scale).backward()
-        got = fn(s_shard, cols(t_), group, backend="triton")
+        got = fn(s_shard, t_ if isinstance(t_, kdk.SparseTeacher) else cols(t_), group, backend="triton")
         (got * grad_scale).backward()
         out[label] = [_rel(got, ref), _rel(s_shard.grad, cols(s_full.grad))]
 
@@ -215,6 +215,15 @@ def run_split_special(group, offset, width):
     lonely[4, :] = torch.where(torch.arange(V) < 5, -math.inf, lonely[4, :])  # −inf on the first shard only
     lonely[5, 9] = math.nan
     case("masked_one_shard_nan_row", lonely, t, kd)
+    sp = _sparse(gen, torch.float64)
+    ids = sp.ids.clone()
+    ids[6, 1] = V + 2  # an id outside the vocabulary: that row is NaN on every rank
+    for norm in ("tail", "renorm"):
+        teacher = kdk.SparseTeacher(ids, sp.logprobs, norm)
+        with forced_block_c(4):
+            case(f"sparse_{norm}_streamed_bad_id", s, teacher,
+                 lambda s_, t_, g, **kw: kdk.kd_loss(s_, teacher, 1.0, labels=_labels(), ce_weight=0.5,
+                                                     process_group=g, **kw))
     with torch.no_grad():
         got = kd(cols(s), cols(t), group, backend="triton")
     out["no_grad"] = [_rel(got, kd(s, t, None)), 0.0]
@@ -268,17 +277,24 @@ def run_boundary_checks(group, offset, width) -> dict:
     return out
 
 
-def run_sparse_case(norm, dtype, group, offset, width):
+def run_sparse_case(norm, dtype, group, offset, width, backend="auto"):
+    """A sparse teacher (K = 5 global ids, padding, a row whose ids all sit on the first shard) on the shard
+    against the unsharded loss; ``backend="triton"``: through the split (renorm and teacher at T = 2 with a
+    divergence / CE, tail at T = 1 with CE and a softcapped student)."""
     gen = torch.Generator().manual_seed(17)
     s, _ = _inputs(gen, dtype, "sparse")
     sp = _sparse(gen, dtype)
-    if norm == "tail":
-        sp = kdk.SparseTeacher(sp.ids, sp.logprobs, "tail")
-    else:
-        sp = kdk.SparseTeacher(sp.ids, sp.logprobs, norm)
+    sp = kdk.SparseTeacher(sp.ids, sp.logprobs, norm)
     cols = lambda x: x[:, offset:offset + width]  # noqa: E731
-    fn = lambda s_, g: kdk.kd_loss(s_, sp, 1.0, labels=_labels(), ce_weight=0.5 if norm == "tail" else 0.0,  # noqa
-                                  process_group=g)
+    if backend == "triton":
+        kw = {"renorm": dict(temperature=2.0, divergence=("jsd", 0.3)),
+              "teacher": dict(temperature=2.0, ce_weight=0.4, reduction="sum"),
+              "tail": dict(temperature=1.0, ce_weight=0.5, softcap=(3.0, None), reduction="none")}[norm]
+    else:
+        kw = dict(temperature=1.0, ce_weight=0.5 if norm == "tail" else 0.0)
+
+    def fn(s_, g):
+        return kdk.kd_loss(s_, sp, labels=_labels(), process_group=g, **kw, **({} if g is None else {"backend": backend}))
     s_full, s_shard = s.clone().requires_grad_(), cols(s).clone().requires_grad_()
     return _compare(lambda: fn(s_full, None), lambda: fn(s_shard, group), [s_full], [s_shard], [cols])
 
@@ -378,6 +394,9 @@ COMM_SPLIT = {
     "reverse_kl / jsd / tvd / skew, split": lambda s, t, g: kdk.kd_loss(s, t, 1.0, divergence=("jsd", 0.5),
                                                                       process_group=g, backend="triton"),
     "dkd_loss / aekt_loss, split": lambda s, t, g: kdk.dkd_loss(s, t, _labels(), process_group=g, backend="triton"),
+    "SparseTeacher K = 5, renorm, split": lambda s, t, g: kdk.kd_loss(s, _sparse(torch.Generator().manual_seed(3),
+                                                                               s.dtype), 1.0, process_group=g,
+                                                                       backend="triton"),
 }
 
 
@@ -416,6 +435,8 @@ def worker(rank, world, rendezvous, result_dir):
                     results[f"{name}-{tag}"] = run_split_case(name, dtype, group, offset, width)
             for name, norm in SPARSE_CASES.items():
                 results[f"{name}-{tag}"] = run_sparse_case(norm, dtype, group, offset, width)
+                if SPLIT:
+                    results[f"split_{name}-{tag}"] = run_sparse_case(norm, dtype, group, offset, width, "triton")
             results[f"temperature-{tag}"] = run_temperature_case(dtype, group, offset, width)
             results[f"fused_linear-{tag}"] = run_linear_case(dtype, group, offset, width)
             results[f"dtensor-{tag}"] = run_dtensor_case(dtype, group, world)

@@ -10,6 +10,7 @@ from parity import presets
 
 E = pytest.importorskip("kdkernels._triton.engine")
 S = pytest.importorskip("kdkernels._triton.shard")
+SP = pytest.importorskip("kdkernels._triton.sparse")
 
 TY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
@@ -91,6 +92,30 @@ def shard_jobs():
                                                 ADAPTIVE=flags["ADAPTIVE"], WANT_DTEMP=spec.learnable_temperature,
                                                 BATCH_BLOCK=flags["BATCH_BLOCK"], DIVERGENCE=flags["DIVERGENCE"]),
                              "label": f"shard apply phase {phase} {name} {ty} C={C}"})
+    for norm, ce in (("renorm", False), ("tail", True), ("teacher", True)):
+        for dtype, C, K in ((torch.float32, 1000, 64), (torch.bfloat16, 16_000, 256)):
+            ty, acc = TY[dtype], "fp32"
+            block, single, warps = E.block_config(C)
+            k_pad = max(E._next_pow2(K), 16)
+            row = dict(HAS_LABELS=True, TEMP_IS_TENSOR=False, USE_KD=True, USE_CE=ce, NORM=SP.NORMALIZATION_CODES[norm],
+                       SOFTCAP_S=ce, K_PAD=k_pad, BLOCK_C=block, SINGLE_BLOCK=single, ACC="tl.float32")
+            base = dict(s_ptr="*" + ty, ids_ptr="*i64", lp_ptr="*fp32", labels_ptr="*i64", temp_ptr="*fp32")
+            label = f"{norm}{' + ce + softcap' if ce else ''} {ty} C={C} K={K}"
+            jobs.append({"kernel": "kdkernels._triton.shard:_shard_sparse_stats_kernel", "num_warps": warps,
+                         "signature": dict(base, params_ptr="*" + acc, record_ptr="*" + acc, C="i32", K="i32",
+                                           V="i32", offset="i32", stride_s_row="i32", stride_ids_row="i32",
+                                           stride_lp_row="i32", stride_temp="i32", ignore_index="i32"),
+                         "constexprs": dict(row, LOG_K_PAD=k_pad.bit_length() - 1),
+                         "label": f"shard sparse stats {label}"})
+            jobs.append({"kernel": "kdkernels._triton.shard:_shard_sparse_apply_kernel", "num_warps": warps,
+                         "signature": dict(base, gfactor_ptr="*" + acc, params_ptr="*" + acc, record_ptr="*" + acc,
+                                           grad_ptr="*" + ty, rows_ptr="*" + acc, N="i32", C="i32", K="i32",
+                                           V="i32", offset="i32", P="i32", stride_s_row="i32",
+                                           stride_ids_row="i32", stride_lp_row="i32", stride_g_row="i32",
+                                           stride_temp="i32", stride_gfactor="i32", ignore_index="i32"),
+                         "constexprs": dict(row, HAS_GFACTOR=False, WRITE_GRAD=True, REDUCTION=2, DIVERGENCE=0,
+                                            BATCH_BLOCK=E.BATCH_BLOCK),
+                         "label": f"shard sparse apply {label}"})
     return jobs
 
 

@@ -192,6 +192,26 @@ def test_empty_rows(gen):
             assert float(got[0][1]) == 0.0 and torch.equal(got[1][1], torch.zeros_like(got[1][1])), norm
 
 
+@pytest.mark.parametrize("norm", NORMALIZATIONS)
+def test_masked_student_class_at_a_slot_gets_no_kd_gradient(norm, gen):
+    """A slot whose student logit is −inf (a masked class the teacher gives mass): its row's loss is what the
+    reference says (+inf for forward KL) and its KD gradient there is 0, as the reference's and the CPU
+    twin's — no −kd_w·T·p̂ leaking into a masked class (with and without CE, single block and streamed)."""
+    s, y = student_of(gen, 4, 40, torch.float64, ignore_row=None)
+    teacher = sparse_teacher(gen, 4, 40, 5, norm, pad=0)
+    ids = teacher.ids
+    for row in range(4):
+        s[row, ids[row, 1]] = float("-inf")
+    for ce_w in (0.0, 0.5):
+        spec = spec_for(norm, reduction="none", ce_weight=ce_w)
+        want = reference64(s, teacher, y, spec)
+        for block_c in (None, 16):
+            got = run(s, teacher, y, spec, block_c=block_c)
+            assert_close(got, want, torch.float64, f"{norm} ce={ce_w} block={block_c}")
+            masked_cols = ids[:, 1].to(s.device)
+            assert torch.equal(got[1].gather(1, masked_cols[:, None]), want[1].gather(1, masked_cols[:, None]))
+
+
 def test_ignored_rows_read_nothing_and_are_exactly_zero(gen):
     s, y = student_of(gen, 3, 40, torch.float32)
     s[1] = float("nan")

@@ -42,15 +42,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ..spec import REDUCTION_CODES
+from ..spec import REDUCTION_CODES, SparseTeacher
 from .divergence import FORWARD_KL
-from .engine import (P_CE_WEIGHT, P_KD_WEIGHT, P_LOSS_WEIGHT, P_NCKD_WEIGHT, P_TCKD_WEIGHT,
-                     REDUCTION_BATCHMEAN, _decoupled_row, _llm_terms,
+from .engine import (P_CE_WEIGHT, P_DIV_PARAM, P_KD_WEIGHT, P_SOFTCAP_S, P_LOSS_WEIGHT, P_NCKD_WEIGHT, P_TCKD_WEIGHT,
+                     BATCH_BLOCK, REDUCTION_BATCHMEAN, _decoupled_row, _llm_terms, _overrides,
                      _pass_gradient, _pass_row_stats, _pass_sums, _row_transform,
                      acc_dtype, block_config, kernel_flags, param_tensor, row_ref, row_scales, row_status,
-                     row_temperature,
-                     scale_rows_, unpack, zero_row)
-from .row_ops import log_prob, lse_init, lse_merge, lse_norm, softcap, topk_init
+                     row_temperature, scale_rows_, unpack, zero_row, _load_row)
+from .row_ops import log_prob, lse_init, lse_merge, lse_norm, lse_update, softcap, topk_init
+from .sparse import NORM_RENORM, NORM_TAIL, slot_gradient
+from .sparse import _pass_gradient as _sparse_pass_gradient
+from .sparse import _pass_stats as _sparse_pass_stats
+from .sparse import _support_terms as _sparse_support_terms
 
 #: the RowRecord's fields, in their order in memory; a decoupled (DKD/AEKT) spec adds DEC_FIELDS
 RECORD_FIELDS = ("m_s", "d_s", "m_t", "d_t", "m_raw", "d_raw", "x_y")
@@ -287,12 +290,205 @@ def _shard_apply_kernel(s_ptr, t_ptr, labels_ptr, temp_ptr, gfactor_ptr, params_
 
 
 # -------------------------------------------------------------------------------------------------
+# a sparse teacher (sparse.py's row on a shard): its record is complete, no per-row sum crosses ranks
+# -------------------------------------------------------------------------------------------------
+#: the sparse RowRecord's leading fields; then the student's (softcapped) logit at each of the K_PAD slots
+#: (−inf where another rank owns the id, or for padding)
+SPARSE_FIELDS = ("m_a", "d_a", "m_raw", "d_raw", "x_y")
+SPARSE_HEAD = tl.constexpr(len(SPARSE_FIELDS))
+
+
+@triton.jit
+def _shard_slots(ids_row, lp_row, s_row, K, C, V, offset, cap, zero, SOFTCAP_S: tl.constexpr, K_PAD: tl.constexpr):
+    """The row's K slots on this shard: (idx, mine, lp, bad, x_k) — the local column of each slot this rank
+    owns (0 elsewhere), which slots it owns, the teacher's log-probabilities at every valid slot (−inf for
+    padding), whether an id ≥ V or a NaN / +inf log-probability makes the row NaN, and the student at the
+    slots it owns (softcapped; −inf elsewhere)."""
+    slot = tl.arange(0, K_PAD)
+    ids = tl.load(ids_row + slot, mask=slot < K, other=-1)
+    out_of_range = ids >= V
+    valid = (ids >= 0) & (~out_of_range)
+    loc = ids - offset
+    mine = valid & (loc >= 0) & (loc < C)
+    idx = tl.where(mine, loc, 0).to(tl.int32)
+    lp = tl.load(lp_row + slot, mask=valid, other=-float("inf")).to(zero.dtype)
+    bad = tl.max((out_of_range | (lp != lp) | (lp == float("inf"))).to(tl.int32), 0) > 0
+    x_k = tl.load(s_row + idx, mask=mine, other=-float("inf")).to(zero.dtype)
+    if SOFTCAP_S:
+        x_k = softcap(x_k, cap)
+    return idx, mine, lp, bad, x_k
+
+
+@triton.jit
+def _shard_sparse_stats_kernel(s_ptr, ids_ptr, lp_ptr, labels_ptr, temp_ptr, params_ptr, record_ptr, C, K, V,
+                               offset, stride_s_row, stride_ids_row, stride_lp_row, stride_temp, ignore_index,
+                               HAS_LABELS: tl.constexpr, TEMP_IS_TENSOR: tl.constexpr, USE_KD: tl.constexpr,
+                               USE_CE: tl.constexpr, NORM: tl.constexpr, SOFTCAP_S: tl.constexpr,
+                               K_PAD: tl.constexpr, LOG_K_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
+                               SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Launch 1 against a sparse teacher, one program per row: the student at the slots this rank owns and,
+    when the row streams (CE, teacher, tail), the stats pass over the local columns — the full state at T
+    (teacher) or the complement of the ids (tail), the state at 1 (CE) — and the logit at the label."""
+    row = tl.program_id(0).to(tl.int64)
+    y_loc, owned, ignored, bad = shard_label(labels_ptr, row, offset, C, V, ignore_index, HAS_LABELS)
+    T = row_temperature(temp_ptr, params_ptr, row, stride_temp, TEMP_IS_TENSOR, ACC)
+    zero = tl.full([], 0.0, ACC)
+    s_row = s_ptr + row * stride_s_row
+    cap = zero
+    if SOFTCAP_S:
+        cap = tl.load(params_ptr + P_SOFTCAP_S)
+    offs = tl.arange(0, BLOCK_C)
+    NEED_FULL: tl.constexpr = USE_KD and NORM != NORM_RENORM
+    NEED_RAW: tl.constexpr = USE_CE and not (USE_KD and NORM == NORM_TAIL)
+    state = lse_init(zero)
+    raw = lse_init(zero)
+    x_y = zero - float("inf")
+    x_k = tl.full([K_PAD], -float("inf"), ACC)
+    if not ignored:
+        idx, mine, _, _, x_k = _shard_slots(ids_ptr + row * stride_ids_row, lp_ptr + row * stride_lp_row, s_row,
+                                            K, C, V, offset, cap, zero, SOFTCAP_S, K_PAD)
+        if NEED_FULL or USE_CE:
+            state, raw, _ = _sparse_pass_stats(s_row, C, idx, mine, cap, 1.0 / T, offs, zero, NEED_FULL, NEED_RAW,
+                                               NORM, SOFTCAP_S, K_PAD, LOG_K_PAD, BLOCK_C, SINGLE_BLOCK, False, ACC)
+        if USE_CE:
+            x_y = tl.load(s_row + tl.maximum(y_loc, 0), mask=owned, other=-float("inf")).to(ACC)
+            if SOFTCAP_S:
+                x_y = softcap(x_y, cap)
+    out = record_ptr + row * (SPARSE_HEAD + K_PAD)
+    tl.store(out + 0, state[0])
+    tl.store(out + 1, state[1])
+    tl.store(out + 2, raw[0])
+    tl.store(out + 3, raw[1])
+    tl.store(out + 4, x_y)
+    tl.store(out + SPARSE_HEAD + tl.arange(0, K_PAD), x_k)
+
+
+@triton.jit
+def _shard_sparse_apply_kernel(s_ptr, ids_ptr, lp_ptr, labels_ptr, temp_ptr, gfactor_ptr, params_ptr, record_ptr,
+                               grad_ptr, rows_ptr, N, C, K, V, offset, P, stride_s_row, stride_ids_row,
+                               stride_lp_row, stride_g_row, stride_temp, stride_gfactor, ignore_index,
+                               HAS_LABELS: tl.constexpr, TEMP_IS_TENSOR: tl.constexpr, HAS_GFACTOR: tl.constexpr,
+                               WRITE_GRAD: tl.constexpr, REDUCTION: tl.constexpr, USE_KD: tl.constexpr,
+                               USE_CE: tl.constexpr, NORM: tl.constexpr, DIVERGENCE: tl.constexpr,
+                               SOFTCAP_S: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
+                               SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr, BATCH_BLOCK: tl.constexpr):
+    """Launch 2 against a sparse teacher, one program per row: the P records merged (the slots' student
+    logits from their owners), the row's loss × loss_weight → ``rows_ptr`` (the whole row's, the same on
+    every rank), and the local gradient: the off-support formula on every local column, then the slots
+    this rank owns overwritten (sparse.py's ``_sparse_row``, with merged statistics)."""
+    row = tl.program_id(0).to(tl.int64)
+    y_loc, owned, ignored, bad = shard_label(labels_ptr, row, offset, C, V, ignore_index, HAS_LABELS)
+    T = row_temperature(temp_ptr, params_ptr, row, stride_temp, TEMP_IS_TENSOR, ACC)
+    inv_T = 1.0 / T
+    zero = tl.full([], 0.0, ACC)
+    offs = tl.arange(0, BLOCK_C)
+    s_row = s_ptr + row * stride_s_row
+    g_row = grad_ptr + row * stride_g_row
+    loss_w = tl.load(params_ptr + P_LOSS_WEIGHT)
+    HAVE_COUNT: tl.constexpr = REDUCTION == REDUCTION_BATCHMEAN and WRITE_GRAD
+    count, row_scale, g_scale = row_scales(labels_ptr, gfactor_ptr, row, stride_gfactor, N, ignore_index, loss_w,
+                                           HAS_LABELS, HAVE_COUNT, HAS_GFACTOR, BATCH_BLOCK, ACC)
+    loss = zero
+    if ignored:
+        if WRITE_GRAD:
+            zero_row(g_row, C, offs, BLOCK_C, ACC)
+    else:
+        cap = zero
+        if SOFTCAP_S:
+            cap = tl.load(params_ptr + P_SOFTCAP_S)
+        idx, mine, lp, slots_bad, x_k = _shard_slots(ids_ptr + row * stride_ids_row, lp_ptr + row * stride_lp_row,
+                                                     s_row, K, C, V, offset, cap, zero, SOFTCAP_S, K_PAD)
+        state = lse_init(zero)
+        raw = lse_init(zero)
+        x_y = zero - float("inf")
+        for r in range(0, P):
+            rec = record_ptr + (r * N + row) * (SPARSE_HEAD + K_PAD)
+            state = _merge_state(state, rec, inv_T)
+            raw = _merge_state(raw, rec + 2, 1.0)
+            x_y = tl.maximum(x_y, tl.load(rec + 4))
+            x_k = tl.maximum(x_k, tl.load(rec + SPARSE_HEAD + tl.arange(0, K_PAD)))
+        loss = _shard_sparse_row(s_row, g_row, C, y_loc, idx, mine, lp, x_k, x_y, state, raw, bad | slots_bad, T,
+                                 inv_T, g_scale, cap, params_ptr, offs, zero, WRITE_GRAD, USE_KD, USE_CE, NORM,
+                                 DIVERGENCE, SOFTCAP_S, K_PAD, BLOCK_C, SINGLE_BLOCK, ACC)
+    tl.store(rows_ptr + row, loss)
+
+
+@triton.jit
+def _shard_sparse_row(s_row, g_row, C, y_loc, idx, mine, lp, x_k, x_y, state, raw, bad, T, inv_T, g_scale, cap,
+                      params_ptr, offs, zero, WRITE_GRAD: tl.constexpr, USE_KD: tl.constexpr, USE_CE: tl.constexpr,
+                      NORM: tl.constexpr, DIVERGENCE: tl.constexpr, SOFTCAP_S: tl.constexpr, K_PAD: tl.constexpr,
+                      BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """A sparse row that is not ignored, from its merged record: the row semantics and terms of
+    sparse.py's ``_sparse_row``; writes the local gradient and returns the row's loss × loss_weight."""
+    NEED_FULL: tl.constexpr = USE_KD and NORM != NORM_RENORM
+    STREAM: tl.constexpr = NEED_FULL or USE_CE
+    sup = lse_update(lse_init(zero), x_k, inv_T)
+    full = state
+    comp = lse_init(zero)
+    if NEED_FULL and NORM == NORM_TAIL:
+        comp = state
+        full = lse_merge(comp, sup, inv_T)  # the exact union of the complement and the support
+        if USE_CE:
+            raw = full  # tail runs at T = 1
+    s_nan = sup[1] != sup[1]
+    s_empty = sup[0] == -float("inf")
+    if STREAM:
+        s_nan = s_nan | (full[1] != full[1]) | (raw[1] != raw[1])
+        if NEED_FULL:
+            s_empty = full[0] == -float("inf")
+        else:
+            s_empty = raw[0] == -float("inf")
+    t_empty = False
+    if NORM != NORM_TAIL:  # a tail teacher with no finite slot is all tail mass
+        t_empty = tl.max(lp, 0) == -float("inf")
+    row_nan = bad | s_nan
+    row_ok = (~row_nan) & (~s_empty) & (~t_empty)
+    kd_w = tl.load(params_ptr + P_KD_WEIGHT)
+    ce_w = tl.load(params_ptr + P_CE_WEIGHT)
+    param = zero
+    if DIVERGENCE != FORWARD_KL:
+        param = tl.load(params_ptr + P_DIV_PARAM)
+    loss_row = zero
+    g_k = tl.zeros([K_PAD], ACC)
+    A = zero
+    B = zero
+    if USE_KD:
+        D, g_k, A, B, kd_ok = _sparse_support_terms(lp, x_k, sup, full, comp, T, inv_T, kd_w, param, zero, NORM,
+                                                    DIVERGENCE)
+        loss_row += tl.where(kd_ok, kd_w * T * T * tl.maximum(D, 0.0), 0.0)
+        g_k = tl.where(kd_ok, g_k, 0.0)
+    norm_raw = lse_norm(raw)
+    if USE_CE:
+        loss_row += ce_w * -log_prob(x_y, norm_raw, 1.0)
+    loss = tl.where(row_ok, loss_row * tl.load(params_ptr + P_LOSS_WEIGHT), tl.where(row_nan, float("nan"), 0.0))
+    if WRITE_GRAD:
+        out = (g_scale, row_ok, row_nan)
+        if STREAM:
+            cache = tl.zeros([BLOCK_C], ACC)
+            if SINGLE_BLOCK:
+                cache = _load_row(s_row, offs, C, cap, cap, False, True, ACC, SOFTCAP_S)
+            _sparse_pass_gradient(s_row, g_row, C, y_loc, cache, cap, inv_T, lse_norm(full), lse_norm(comp),
+                                  norm_raw, A, B, ce_w, out, offs, USE_KD, USE_CE, NORM, SOFTCAP_S, BLOCK_C,
+                                  SINGLE_BLOCK, ACC)
+        else:
+            fill = tl.where(row_nan, float("nan"), 0.0) + tl.zeros([BLOCK_C], ACC)
+            for start in range(0, C, BLOCK_C):
+                cols = start + offs
+                tl.store(g_row + cols, fill.to(g_row.dtype.element_ty), mask=cols < C)
+        tl.debug_barrier()  # every thread's dense store lands before the owned slots are overwritten
+        g = slot_gradient(g_k, x_k, idx, y_loc, norm_raw, ce_w, cap, out, USE_CE, SOFTCAP_S)
+        tl.store(g_row + idx, g.to(g_row.dtype.element_ty), mask=mine)
+    return loss
+
+
+# -------------------------------------------------------------------------------------------------
 # launchers
 # -------------------------------------------------------------------------------------------------
 def shard_unsupported(spec, temperature: Optional[torch.Tensor]) -> Optional[str]:
     """Why the split does not take a :class:`~kdkernels.LogitDistill` spec (None when it does): it takes the
     KD family — the KD term with any divergence over the whole vocabulary, CE, softcap, a fixed or learnable
-    temperature — and DKD/AEKT; the other presets run the sharded formulas (kdkernels.parallel)."""
+    temperature — DKD/AEKT and sparse teachers; the other presets run the sharded formulas
+    (kdkernels.parallel)."""
     for what, used in (("standardize", spec.standardize), ("teacher_topk_scale", spec.teacher_topk_scale),
                        ("LDRLD's relation term", spec.relation),
                        ("TopKD's TDL", spec.tdl), ("a top-k teacher", spec.teacher_topk),
@@ -314,6 +510,8 @@ class ShardLauncher:
         self.group, self.offset, self.vocab = group, offset, vocab
 
     def forward(self, s, t, labels, temperature, spec, grad, grad_factor):
+        if isinstance(t, SparseTeacher):
+            return sparse_shard_forward(s, t, labels, temperature, spec, grad, grad_factor, self)
         return shard_forward(s, t, labels, temperature, spec, grad, grad_factor, self)
 
     def scale_(self, grad, factor):
@@ -376,6 +574,54 @@ def shard_forward(s, t, labels, temperature, spec, grad, grad_factor, shard: Sha
     row_scale = p["loss_weight"] / _count(labels, p, N, acc, s.device)
     dtemp = _dtemp(sums, terms, temperature, p, acc) * row_scale if learnable else None
     return _finish(part, terms, row_scale, p), dtemp
+
+
+def sparse_shard_forward(s, teacher, labels, temperature, spec, grad, grad_factor, shard: ShardLauncher):
+    """``(loss, None)`` against a sparse teacher of global ids on this rank's shard ``s`` ``[N, C]``: launch 1
+    writes the record (the stats pass's states and the student at the owned slots), one ``all_gather``,
+    launch 2 the local gradient and the row losses — no per-row sum crosses ranks."""
+    from ..parallel import all_gather_records
+    from .sparse import _check_sparse, _k_pad, _normalization, sparse_checks
+    N, C = s.shape
+    floats, ints = spec.pack()
+    p = unpack(floats, ints)
+    ids, logprobs = teacher.ids, teacher.logprobs
+    _check_sparse(s, ids, logprobs, spec, p)
+    norm = _normalization(p, teacher)
+    sparse_checks(norm, p, temperature)
+    ids = ids if ids.stride(-1) == 1 else ids.contiguous()
+    logprobs = logprobs if logprobs.stride(-1) == 1 else logprobs.contiguous()
+    acc = acc_dtype(s.dtype)
+    params = param_tensor(floats, s.device, acc)
+    K = ids.shape[1]
+    k_pad = _k_pad(K)
+    block, single, num_warps = block_config(C)
+    lab = labels if labels is not None else params
+    temp = temperature if temperature is not None else params
+    stride_temp = temperature.stride(0) if temperature is not None else 0
+    row_flags = dict(HAS_LABELS=labels is not None, TEMP_IS_TENSOR=temperature is not None,
+                     USE_KD=p["kd_weight"] != 0, USE_CE=p["ce_weight"] != 0, NORM=norm, SOFTCAP_S=p["softcap_s"] != 0,
+                     K_PAD=k_pad, BLOCK_C=block, SINGLE_BLOCK=single, ACC=tl.float64 if acc == torch.float64 else tl.float32)
+    record = torch.empty(N, SPARSE_HEAD.value + k_pad, dtype=acc, device=s.device)
+    rows = torch.zeros(N, dtype=acc, device=s.device)
+    ignore_index = int(p["ignore_index"])
+    if N > 0:
+        _shard_sparse_stats_kernel[(N,)](s, ids, logprobs, lab, temp, params, record, C, K, shard.vocab, shard.offset,
+                                         s.stride(0), ids.stride(0), logprobs.stride(0), stride_temp, ignore_index,
+                                         LOG_K_PAD=k_pad.bit_length() - 1, num_warps=num_warps, **row_flags)
+    records = all_gather_records(record, shard.group)                  # [P, N, 5 + K_PAD]
+    if N > 0:
+        _shard_sparse_apply_kernel[(N,)](
+            s, ids, logprobs, lab, temp, grad_factor if grad_factor is not None else params, params, records,
+            grad if grad is not None else params, rows, N, C, K, shard.vocab, shard.offset, records.shape[0],
+            s.stride(0), ids.stride(0), logprobs.stride(0), grad.stride(0) if grad is not None else 0, stride_temp,
+            grad_factor.stride(0) if grad_factor is not None else 0, ignore_index,
+            HAS_GFACTOR=grad_factor is not None, WRITE_GRAD=grad is not None, REDUCTION=int(p["reduction"]),
+            DIVERGENCE=int(p["divergence"]), BATCH_BLOCK=_overrides["batch_block"] or BATCH_BLOCK,
+            num_warps=num_warps, **row_flags)
+    if int(p["reduction"]) == REDUCTION_CODES["none"]:
+        return rows, None
+    return rows.sum() / _count(labels, p, N, acc, s.device), None
 
 
 def _count(labels, p: dict, N: int, acc, device) -> torch.Tensor:

@@ -309,14 +309,23 @@ def _sparse_row(s_row, ids_row, lp_row, g_row, C, K, y, bad, T, inv_T, g_scale, 
                 tl.store(g_row + cols, fill.to(g_row.dtype.element_ty), mask=cols < C)
         # every thread's dense store lands before the support columns are overwritten
         tl.debug_barrier()
-        g = g_k
-        if USE_CE:
-            g += ce_w * (tl.exp(log_prob(x_k, norm_raw, 1.0)) - tl.where(idx == y, 1.0, 0.0))
-        if SOFTCAP_S:
-            g = g * _softcap_slope(x_k, cap)
-        g = tl.where(row_ok, g * g_scale, tl.where(row_nan, float("nan"), 0.0))
+        g = slot_gradient(g_k, x_k, idx, y, norm_raw, ce_w, cap, out, USE_CE, SOFTCAP_S)
         tl.store(g_row + idx, g.to(g_row.dtype.element_ty), mask=valid)
     return loss
+
+
+@triton.jit
+def slot_gradient(g_k, x_k, idx, y, norm_raw, ce_w, cap, out, USE_CE: tl.constexpr, SOFTCAP_S: tl.constexpr):
+    """The full gradient at the K slots (× g_scale; NaN / 0 rows): the KD part ``g_k`` — none at a slot
+    whose student logit is masked (−inf), as everywhere a masked student class gets no KD gradient — plus
+    CE's, through softcap. ``out`` = (g_scale, row_ok, row_nan)."""
+    g_scale, row_ok, row_nan = out
+    g = tl.where(x_k == -float("inf"), 0.0, g_k)
+    if USE_CE:
+        g += ce_w * (tl.exp(log_prob(x_k, norm_raw, 1.0)) - tl.where(idx == y, 1.0, 0.0))
+    if SOFTCAP_S:
+        g = g * _softcap_slope(x_k, cap)
+    return tl.where(row_ok, g * g_scale, tl.where(row_nan, float("nan"), 0.0))
 
 
 @triton.jit
@@ -460,6 +469,16 @@ def _check_sparse(s, ids, logprobs, spec, p: dict) -> None:
         raise ValueError(f"kdkernels triton: SparseTeacher K must be in [1, {MAX_SPARSE_K}], got {ids.shape[1]}")
 
 
+def sparse_checks(norm: int, p: dict, temperature: Optional[torch.Tensor]) -> None:
+    """The normalisations' own limits: teacher takes forward KL only, tail a temperature of 1."""
+    if norm == NORMALIZATION_CODES["teacher"] and int(p["divergence"]) != DIVERGENCE_CODES["forward_kl"]:
+        raise ValueError("normalize='teacher' keeps the student's full-vocabulary log-probabilities, so only "
+                         "divergence='forward_kl' is defined")
+    if norm == NORMALIZATION_CODES["tail"] and (temperature is not None or p["temperature"] != 1.0):
+        raise ValueError("a sparse teacher's tail mass is only defined at the temperature its log-probabilities "
+                         "were stored at: normalize='tail' needs temperature=1.0")
+
+
 def sparse_forward(launcher, s: torch.Tensor, teacher, labels: Optional[torch.Tensor],
                    temperature: Optional[torch.Tensor], spec, grad: Optional[torch.Tensor], grad_factor):
     """The launcher contract's ``forward`` for a :class:`~kdkernels.spec.SparseTeacher`: ``(loss, None)``
@@ -469,13 +488,7 @@ def sparse_forward(launcher, s: torch.Tensor, teacher, labels: Optional[torch.Te
     ids, logprobs = teacher.ids, teacher.logprobs
     _check_sparse(s, ids, logprobs, spec, p)
     norm = _normalization(p, teacher)
-    div = int(p["divergence"])
-    if norm == NORMALIZATION_CODES["teacher"] and div != DIVERGENCE_CODES["forward_kl"]:
-        raise ValueError("normalize='teacher' keeps the student's full-vocabulary log-probabilities, so only "
-                         "divergence='forward_kl' is defined")
-    if norm == NORMALIZATION_CODES["tail"] and (temperature is not None or p["temperature"] != 1.0):
-        raise ValueError("a sparse teacher's tail mass is only defined at the temperature its log-probabilities "
-                         "were stored at: normalize='tail' needs temperature=1.0")
+    sparse_checks(norm, p, temperature)
     if ids.stride(-1) != 1:
         ids = ids.contiguous()
     if logprobs.stride(-1) != 1:
