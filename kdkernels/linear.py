@@ -283,7 +283,8 @@ def fused_linear_distill(student_hidden: torch.Tensor, student_weight: torch.Ten
     ``TeacherHidden``'s weight and bias, ``TeacherLogits``) hold this rank's rows ``[V_r, ...]`` of the
     vocabulary, ``student_hidden`` is the same on every rank; the loss is the unsharded one and the hidden
     states' gradient is summed over the ranks (do not all-reduce it again). This path materialises the
-    shard's logits ``[N, V_r]`` and runs the sharded engine (docs/tensor_parallel.md), not the chunk loop.
+    shard's logits ``[N, V_r]`` and runs the sharded loss (the Triton split where the spec allows, with
+    ``backend``; docs/tensor_parallel.md), not the chunk loop.
     """
     spec = LogitDistill(temperature=1.0) if spec is None else spec
     if not isinstance(spec, LogitDistill):
@@ -311,7 +312,7 @@ def fused_linear_distill(student_hidden: torch.Tensor, student_weight: torch.Ten
     spec = spec.replace(softcap=(cap_s, cap_t))
     h2d = student_hidden.reshape(N, H)
     if process_group is not None:
-        return _sharded(h2d, student_weight, student_bias, teacher, labels, spec, lead, process_group)
+        return _sharded(h2d, student_weight, student_bias, teacher, labels, spec, lead, process_group, backend)
     labels2d = flatten_labels(labels, lead, student_hidden.device)
     if labels2d is None and spec.needs_labels:
         raise ValueError("this loss needs labels (ce_weight > 0 or a decoupled/dkd/aekt term)")
@@ -363,7 +364,7 @@ def _unfused(h2d, weight, bias, teacher, labels, spec, lead, backend):
     return loss.reshape(lead) if spec.reduction == "none" and len(lead) != 1 else loss
 
 
-def _sharded(h2d, weight, bias, teacher, labels, spec, lead, group):
+def _sharded(h2d, weight, bias, teacher, labels, spec, lead, group, backend):
     """Vocabulary-parallel fused_linear_distill: this rank's logits ``[N, V_r]`` through the sharded engine;
     the hidden states enter as a replicated input (their gradient is summed over the ranks)."""
     from . import parallel
@@ -379,7 +380,7 @@ def _sharded(h2d, weight, bias, teacher, labels, spec, lead, group):
         teacher = SparseTeacher(teacher.ids.reshape(N, K), teacher.logprobs.reshape(N, K), teacher.normalize)
     labels = None if labels is None else labels.reshape(N)
     logits = _linear(parallel.replicated(h2d, group), weight, bias)
-    loss = logit_distill(logits, teacher, labels, spec, process_group=group)
+    loss = logit_distill(logits, teacher, labels, spec, process_group=group, backend=backend)
     return loss.reshape(lead) if spec.reduction == "none" and len(lead) != 1 else loss
 
 

@@ -312,8 +312,9 @@ def run_temperature_case(dtype, group, offset, width):
                     [s_full, T_full], [s_shard, T_shard], [cols, None])
 
 
-def run_linear_case(dtype, group, offset, width):
-    """fused_linear_distill with a vocabulary-sharded student weight and a TeacherHidden sharded likewise."""
+def run_linear_case(dtype, group, offset, width, backend="auto"):
+    """fused_linear_distill with a vocabulary-sharded student weight and a TeacherHidden sharded likewise
+    (``backend="triton"``: the shard's logits through the split, with a JSD)."""
     gen = torch.Generator().manual_seed(11)
     H = 6
     h = (torch.randn(N, H, generator=gen, dtype=torch.float64)).to(dtype)
@@ -322,7 +323,8 @@ def run_linear_case(dtype, group, offset, width):
     ht = torch.randn(N, H + 2, generator=gen, dtype=torch.float64).to(dtype)
     Wt = torch.randn(V, H + 2, generator=gen, dtype=torch.float64).to(dtype)
     rows = lambda x: x[offset:offset + width]  # noqa: E731
-    spec = kdk.LogitDistill(temperature=2.0, ce_weight=0.5)
+    spec = kdk.LogitDistill(temperature=2.0, ce_weight=0.5,
+                            divergence=("jsd", 0.4) if backend == "triton" else "forward_kl")
     leaves_full = [x.clone().requires_grad_() for x in (h, W, b)]
     leaves_shard = [h.clone().requires_grad_(), rows(W).clone().requires_grad_(), rows(b).clone().requires_grad_()]
 
@@ -332,7 +334,8 @@ def run_linear_case(dtype, group, offset, width):
 
     def shard():
         return kdk.fused_linear_distill(leaves_shard[0], leaves_shard[1], kdk.TeacherHidden(ht, rows(Wt)),
-                                        _labels(), spec, student_bias=leaves_shard[2], process_group=group)
+                                        _labels(), spec, student_bias=leaves_shard[2], process_group=group,
+                                        backend=backend)
     return _compare(full, shard, leaves_full, leaves_shard, [None, rows, rows])
 
 
@@ -439,6 +442,8 @@ def worker(rank, world, rendezvous, result_dir):
                     results[f"split_{name}-{tag}"] = run_sparse_case(norm, dtype, group, offset, width, "triton")
             results[f"temperature-{tag}"] = run_temperature_case(dtype, group, offset, width)
             results[f"fused_linear-{tag}"] = run_linear_case(dtype, group, offset, width)
+            if SPLIT:
+                results[f"split_fused_linear-{tag}"] = run_linear_case(dtype, group, offset, width, "triton")
             results[f"dtensor-{tag}"] = run_dtensor_case(dtype, group, world)
         if SPLIT:
             results["split_special"] = run_split_special(group, offset, width)

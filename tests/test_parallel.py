@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = (list(CASES) + list(SPARSE_CASES) + ["temperature", "fused_linear", "dtensor"]
-         + (list(SPLIT_CASES) + [f"split_{name}" for name in SPARSE_CASES] if SPLIT else []))
+         + (list(SPLIT_CASES) + [f"split_{name}" for name in SPARSE_CASES] + ["split_fused_linear"] if SPLIT else []))
 #: the Triton split's special cases (tests/parallel_cases.run_split_special): tolerance of loss and gradient
 SPLIT_SPECIAL_TOL = {"streamed": 1e-12, "streamed_jsd": 1e-12, "row_temperature": 1e-12,
                      "bf16_student_fp32_teacher": 1e-2, "fp16": 2e-3, "masked_one_shard_nan_row": 1e-12,

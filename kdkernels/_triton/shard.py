@@ -44,16 +44,14 @@ import triton.language as tl
 
 from ..spec import REDUCTION_CODES, SparseTeacher
 from .divergence import FORWARD_KL
-from .engine import (P_CE_WEIGHT, P_DIV_PARAM, P_KD_WEIGHT, P_SOFTCAP_S, P_LOSS_WEIGHT, P_NCKD_WEIGHT, P_TCKD_WEIGHT,
-                     BATCH_BLOCK, REDUCTION_BATCHMEAN, _decoupled_row, _llm_terms, _overrides,
+from .engine import (BATCH_BLOCK, P_CE_WEIGHT, P_KD_WEIGHT, P_LOSS_WEIGHT, P_NCKD_WEIGHT, P_SOFTCAP_S, P_TCKD_WEIGHT,
+                     REDUCTION_BATCHMEAN, _decoupled_row, _llm_terms, _overrides,
                      _pass_gradient, _pass_row_stats, _pass_sums, _row_transform,
                      acc_dtype, block_config, kernel_flags, param_tensor, row_ref, row_scales, row_status,
                      row_temperature, scale_rows_, unpack, zero_row, _load_row)
-from .row_ops import log_prob, lse_init, lse_merge, lse_norm, lse_update, softcap, topk_init
-from .sparse import NORM_RENORM, NORM_TAIL, slot_gradient
-from .sparse import _pass_gradient as _sparse_pass_gradient
+from .row_ops import log_prob, lse_init, lse_merge, lse_norm, softcap, topk_init
+from .sparse import NORM_RENORM, NORM_TAIL, load_slots, sparse_row_terms
 from .sparse import _pass_stats as _sparse_pass_stats
-from .sparse import _support_terms as _sparse_support_terms
 
 #: the RowRecord's fields, in their order in memory; a decoupled (DKD/AEKT) spec adds DEC_FIELDS
 RECORD_FIELDS = ("m_s", "d_s", "m_t", "d_t", "m_raw", "d_raw", "x_y")
@@ -299,27 +297,6 @@ SPARSE_HEAD = tl.constexpr(len(SPARSE_FIELDS))
 
 
 @triton.jit
-def _shard_slots(ids_row, lp_row, s_row, K, C, V, offset, cap, zero, SOFTCAP_S: tl.constexpr, K_PAD: tl.constexpr):
-    """The row's K slots on this shard: (idx, mine, lp, bad, x_k) — the local column of each slot this rank
-    owns (0 elsewhere), which slots it owns, the teacher's log-probabilities at every valid slot (−inf for
-    padding), whether an id ≥ V or a NaN / +inf log-probability makes the row NaN, and the student at the
-    slots it owns (softcapped; −inf elsewhere)."""
-    slot = tl.arange(0, K_PAD)
-    ids = tl.load(ids_row + slot, mask=slot < K, other=-1)
-    out_of_range = ids >= V
-    valid = (ids >= 0) & (~out_of_range)
-    loc = ids - offset
-    mine = valid & (loc >= 0) & (loc < C)
-    idx = tl.where(mine, loc, 0).to(tl.int32)
-    lp = tl.load(lp_row + slot, mask=valid, other=-float("inf")).to(zero.dtype)
-    bad = tl.max((out_of_range | (lp != lp) | (lp == float("inf"))).to(tl.int32), 0) > 0
-    x_k = tl.load(s_row + idx, mask=mine, other=-float("inf")).to(zero.dtype)
-    if SOFTCAP_S:
-        x_k = softcap(x_k, cap)
-    return idx, mine, lp, bad, x_k
-
-
-@triton.jit
 def _shard_sparse_stats_kernel(s_ptr, ids_ptr, lp_ptr, labels_ptr, temp_ptr, params_ptr, record_ptr, C, K, V,
                                offset, stride_s_row, stride_ids_row, stride_lp_row, stride_temp, ignore_index,
                                HAS_LABELS: tl.constexpr, TEMP_IS_TENSOR: tl.constexpr, USE_KD: tl.constexpr,
@@ -345,8 +322,8 @@ def _shard_sparse_stats_kernel(s_ptr, ids_ptr, lp_ptr, labels_ptr, temp_ptr, par
     x_y = zero - float("inf")
     x_k = tl.full([K_PAD], -float("inf"), ACC)
     if not ignored:
-        idx, mine, _, _, x_k = _shard_slots(ids_ptr + row * stride_ids_row, lp_ptr + row * stride_lp_row, s_row,
-                                            K, C, V, offset, cap, zero, SOFTCAP_S, K_PAD)
+        idx, mine, _, _, x_k = load_slots(ids_ptr + row * stride_ids_row, lp_ptr + row * stride_lp_row, s_row,
+                                          K, C, V, offset, cap, zero, SOFTCAP_S, K_PAD)
         if NEED_FULL or USE_CE:
             state, raw, _ = _sparse_pass_stats(s_row, C, idx, mine, cap, 1.0 / T, offs, zero, NEED_FULL, NEED_RAW,
                                                NORM, SOFTCAP_S, K_PAD, LOG_K_PAD, BLOCK_C, SINGLE_BLOCK, False, ACC)
@@ -396,8 +373,8 @@ def _shard_sparse_apply_kernel(s_ptr, ids_ptr, lp_ptr, labels_ptr, temp_ptr, gfa
         cap = zero
         if SOFTCAP_S:
             cap = tl.load(params_ptr + P_SOFTCAP_S)
-        idx, mine, lp, slots_bad, x_k = _shard_slots(ids_ptr + row * stride_ids_row, lp_ptr + row * stride_lp_row,
-                                                     s_row, K, C, V, offset, cap, zero, SOFTCAP_S, K_PAD)
+        idx, mine, lp, slots_bad, x_k = load_slots(ids_ptr + row * stride_ids_row, lp_ptr + row * stride_lp_row,
+                                                   s_row, K, C, V, offset, cap, zero, SOFTCAP_S, K_PAD)
         state = lse_init(zero)
         raw = lse_init(zero)
         x_y = zero - float("inf")
@@ -407,78 +384,13 @@ def _shard_sparse_apply_kernel(s_ptr, ids_ptr, lp_ptr, labels_ptr, temp_ptr, gfa
             raw = _merge_state(raw, rec + 2, 1.0)
             x_y = tl.maximum(x_y, tl.load(rec + 4))
             x_k = tl.maximum(x_k, tl.load(rec + SPARSE_HEAD + tl.arange(0, K_PAD)))
-        loss = _shard_sparse_row(s_row, g_row, C, y_loc, idx, mine, lp, x_k, x_y, state, raw, bad | slots_bad, T,
-                                 inv_T, g_scale, cap, params_ptr, offs, zero, WRITE_GRAD, USE_KD, USE_CE, NORM,
-                                 DIVERGENCE, SOFTCAP_S, K_PAD, BLOCK_C, SINGLE_BLOCK, ACC)
+        cache = tl.zeros([BLOCK_C], ACC)
+        if SINGLE_BLOCK and WRITE_GRAD and (USE_CE or (USE_KD and NORM != NORM_RENORM)):
+            cache = _load_row(s_row, offs, C, cap, cap, False, True, ACC, SOFTCAP_S)
+        loss = sparse_row_terms(s_row, g_row, C, y_loc, idx, mine, lp, x_k, x_y, state, raw, bad | slots_bad, T,
+                                inv_T, g_scale, cap, cache, params_ptr, offs, zero, WRITE_GRAD, USE_KD, USE_CE, NORM,
+                                DIVERGENCE, SOFTCAP_S, K_PAD, BLOCK_C, SINGLE_BLOCK, ACC)
     tl.store(rows_ptr + row, loss)
-
-
-@triton.jit
-def _shard_sparse_row(s_row, g_row, C, y_loc, idx, mine, lp, x_k, x_y, state, raw, bad, T, inv_T, g_scale, cap,
-                      params_ptr, offs, zero, WRITE_GRAD: tl.constexpr, USE_KD: tl.constexpr, USE_CE: tl.constexpr,
-                      NORM: tl.constexpr, DIVERGENCE: tl.constexpr, SOFTCAP_S: tl.constexpr, K_PAD: tl.constexpr,
-                      BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """A sparse row that is not ignored, from its merged record: the row semantics and terms of
-    sparse.py's ``_sparse_row``; writes the local gradient and returns the row's loss × loss_weight."""
-    NEED_FULL: tl.constexpr = USE_KD and NORM != NORM_RENORM
-    STREAM: tl.constexpr = NEED_FULL or USE_CE
-    sup = lse_update(lse_init(zero), x_k, inv_T)
-    full = state
-    comp = lse_init(zero)
-    if NEED_FULL and NORM == NORM_TAIL:
-        comp = state
-        full = lse_merge(comp, sup, inv_T)  # the exact union of the complement and the support
-        if USE_CE:
-            raw = full  # tail runs at T = 1
-    s_nan = sup[1] != sup[1]
-    s_empty = sup[0] == -float("inf")
-    if STREAM:
-        s_nan = s_nan | (full[1] != full[1]) | (raw[1] != raw[1])
-        if NEED_FULL:
-            s_empty = full[0] == -float("inf")
-        else:
-            s_empty = raw[0] == -float("inf")
-    t_empty = False
-    if NORM != NORM_TAIL:  # a tail teacher with no finite slot is all tail mass
-        t_empty = tl.max(lp, 0) == -float("inf")
-    row_nan = bad | s_nan
-    row_ok = (~row_nan) & (~s_empty) & (~t_empty)
-    kd_w = tl.load(params_ptr + P_KD_WEIGHT)
-    ce_w = tl.load(params_ptr + P_CE_WEIGHT)
-    param = zero
-    if DIVERGENCE != FORWARD_KL:
-        param = tl.load(params_ptr + P_DIV_PARAM)
-    loss_row = zero
-    g_k = tl.zeros([K_PAD], ACC)
-    A = zero
-    B = zero
-    if USE_KD:
-        D, g_k, A, B, kd_ok = _sparse_support_terms(lp, x_k, sup, full, comp, T, inv_T, kd_w, param, zero, NORM,
-                                                    DIVERGENCE)
-        loss_row += tl.where(kd_ok, kd_w * T * T * tl.maximum(D, 0.0), 0.0)
-        g_k = tl.where(kd_ok, g_k, 0.0)
-    norm_raw = lse_norm(raw)
-    if USE_CE:
-        loss_row += ce_w * -log_prob(x_y, norm_raw, 1.0)
-    loss = tl.where(row_ok, loss_row * tl.load(params_ptr + P_LOSS_WEIGHT), tl.where(row_nan, float("nan"), 0.0))
-    if WRITE_GRAD:
-        out = (g_scale, row_ok, row_nan)
-        if STREAM:
-            cache = tl.zeros([BLOCK_C], ACC)
-            if SINGLE_BLOCK:
-                cache = _load_row(s_row, offs, C, cap, cap, False, True, ACC, SOFTCAP_S)
-            _sparse_pass_gradient(s_row, g_row, C, y_loc, cache, cap, inv_T, lse_norm(full), lse_norm(comp),
-                                  norm_raw, A, B, ce_w, out, offs, USE_KD, USE_CE, NORM, SOFTCAP_S, BLOCK_C,
-                                  SINGLE_BLOCK, ACC)
-        else:
-            fill = tl.where(row_nan, float("nan"), 0.0) + tl.zeros([BLOCK_C], ACC)
-            for start in range(0, C, BLOCK_C):
-                cols = start + offs
-                tl.store(g_row + cols, fill.to(g_row.dtype.element_ty), mask=cols < C)
-        tl.debug_barrier()  # every thread's dense store lands before the owned slots are overwritten
-        g = slot_gradient(g_k, x_k, idx, y_loc, norm_raw, ce_w, cap, out, USE_CE, SOFTCAP_S)
-        tl.store(g_row + idx, g.to(g_row.dtype.element_ty), mask=mine)
-    return loss
 
 
 # -------------------------------------------------------------------------------------------------

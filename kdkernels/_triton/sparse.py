@@ -221,51 +221,80 @@ def _pass_gradient(s_row, g_row, C, y, cache, cap, inv_T, norm_full, norm_comp, 
 
 
 @triton.jit
+def load_slots(ids_row, lp_row, s_row, K, C, V, offset, cap, zero, SOFTCAP_S: tl.constexpr, K_PAD: tl.constexpr):
+    """The row's K slots on the columns ``[offset, offset + C)`` of a V-class row (the whole row: offset 0,
+    V = C): (idx, mine, lp, bad, x_k) — the local column of each slot held here (0 elsewhere), which slots
+    are held here, the teacher's log-probabilities at every valid slot (−inf for padding), whether an id ≥ V
+    or a NaN / +inf log-probability makes the row NaN, and the student at the slots held here (softcapped;
+    −inf elsewhere)."""
+    slot = tl.arange(0, K_PAD)
+    ids = tl.load(ids_row + slot, mask=slot < K, other=-1)
+    out_of_range = ids >= V
+    valid = (ids >= 0) & (~out_of_range)
+    loc = ids - offset
+    mine = valid & (loc >= 0) & (loc < C)
+    idx = tl.where(mine, loc, 0).to(tl.int32)
+    lp = tl.load(lp_row + slot, mask=valid, other=-float("inf")).to(zero.dtype)
+    bad = tl.max((out_of_range | (lp != lp) | (lp == float("inf"))).to(tl.int32), 0) > 0
+    x_k = tl.load(s_row + idx, mask=mine, other=-float("inf")).to(zero.dtype)
+    if SOFTCAP_S:
+        x_k = softcap(x_k, cap)
+    return idx, mine, lp, bad, x_k
+
+
+@triton.jit
 def _sparse_row(s_row, ids_row, lp_row, g_row, C, K, y, bad, T, inv_T, g_scale, params_ptr, offs, zero,
                 WRITE_GRAD: tl.constexpr, USE_KD: tl.constexpr, USE_CE: tl.constexpr, NORM: tl.constexpr,
                 DIVERGENCE: tl.constexpr, SOFTCAP_S: tl.constexpr, K_PAD: tl.constexpr, LOG_K_PAD: tl.constexpr,
                 BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """A row that is not ignored: writes its gradient (× ``g_scale``) and returns its loss × loss_weight."""
-    # the K slots: ids, the teacher's log-probabilities, the student at the valid ids
-    slot = tl.arange(0, K_PAD)
-    ids = tl.load(ids_row + slot, mask=slot < K, other=-1)
-    out_of_range = ids >= C
-    bad = bad | (tl.max(out_of_range.to(tl.int32), 0) > 0)
-    valid = (ids >= 0) & (~out_of_range)
-    idx = tl.where(valid, ids, 0).to(tl.int32)
-    lp = tl.load(lp_row + slot, mask=valid, other=-float("inf")).to(ACC)
-    lp_bad = tl.max(((lp != lp) | (lp == float("inf"))).to(tl.int32), 0) > 0
+    """A row that is not ignored: its slots, the stats pass when the row streams, then its terms
+    (``sparse_row_terms``): writes its gradient (× ``g_scale``) and returns its loss × loss_weight."""
     cap = zero
     if SOFTCAP_S:
         cap = tl.load(params_ptr + P_SOFTCAP_S)
-    x_k = tl.load(s_row + idx, mask=valid, other=-float("inf")).to(ACC)
-    if SOFTCAP_S:
-        x_k = softcap(x_k, cap)
-    sup = lse_update(lse_init(zero), x_k, inv_T)
+    idx, valid, lp, slots_bad, x_k = load_slots(ids_row, lp_row, s_row, K, C, C, 0, cap, zero, SOFTCAP_S, K_PAD)
     x_y = zero
     if USE_CE:
         x_y = tl.load(s_row + y).to(ACC)
         if SOFTCAP_S:
             x_y = softcap(x_y, cap)
-
     # the student's row statistics (one streamed pass), unless renorm without CE
     NEED_FULL: tl.constexpr = USE_KD and NORM != NORM_RENORM
     NEED_RAW: tl.constexpr = USE_CE and not (USE_KD and NORM == NORM_TAIL)
-    STREAM: tl.constexpr = NEED_FULL or USE_CE
-    full = lse_init(zero)
+    state = lse_init(zero)
     raw = lse_init(zero)
-    comp = lse_init(zero)
     cache = tl.zeros([BLOCK_C], ACC)
+    if NEED_FULL or USE_CE:
+        state, raw, cache = _pass_stats(s_row, C, idx, valid, cap, inv_T, offs, zero, NEED_FULL, NEED_RAW, NORM,
+                                        SOFTCAP_S, K_PAD, LOG_K_PAD, BLOCK_C, SINGLE_BLOCK, WRITE_GRAD, ACC)
+    return sparse_row_terms(s_row, g_row, C, y, idx, valid, lp, x_k, x_y, state, raw, bad | slots_bad, T, inv_T,
+                            g_scale, cap, cache, params_ptr, offs, zero, WRITE_GRAD, USE_KD, USE_CE, NORM, DIVERGENCE,
+                            SOFTCAP_S, K_PAD, BLOCK_C, SINGLE_BLOCK, ACC)
+
+
+@triton.jit
+def sparse_row_terms(s_row, g_row, C, y, idx, mine, lp, x_k, x_y, state, raw, bad, T, inv_T, g_scale, cap, cache,
+                     params_ptr, offs, zero, WRITE_GRAD: tl.constexpr, USE_KD: tl.constexpr, USE_CE: tl.constexpr,
+                     NORM: tl.constexpr, DIVERGENCE: tl.constexpr, SOFTCAP_S: tl.constexpr, K_PAD: tl.constexpr,
+                     BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """A sparse row from its statistics — the student at the slots ``x_k``, the stats pass's ``state`` (the
+    full state at T, or for tail the complement of the ids) and ``raw`` (at 1), the logit at the label
+    ``x_y``, the single-block row ``cache`` — : the row semantics, its loss × loss_weight (returned) and its
+    gradient: the off-support formula on every column, then the slots in ``mine`` overwritten. (The
+    tensor-parallel split calls it with statistics merged across ranks.)"""
+    NEED_FULL: tl.constexpr = USE_KD and NORM != NORM_RENORM
+    STREAM: tl.constexpr = NEED_FULL or USE_CE
+    sup = lse_update(lse_init(zero), x_k, inv_T)
+    full = state
+    comp = lse_init(zero)
+    if NEED_FULL and NORM == NORM_TAIL:
+        comp = state
+        full = lse_merge(comp, sup, inv_T)  # the exact union of the complement and the support
+        if USE_CE:
+            raw = full  # tail runs at T = 1
     s_nan = sup[1] != sup[1]
     s_empty = sup[0] == -float("inf")
     if STREAM:
-        full, raw, cache = _pass_stats(s_row, C, idx, valid, cap, inv_T, offs, zero, NEED_FULL, NEED_RAW, NORM,
-                                       SOFTCAP_S, K_PAD, LOG_K_PAD, BLOCK_C, SINGLE_BLOCK, WRITE_GRAD, ACC)
-        if NEED_FULL and NORM == NORM_TAIL:
-            comp = full
-            full = lse_merge(comp, sup, inv_T)  # the exact union of the complement and the support
-            if USE_CE:
-                raw = full  # tail runs at T = 1
         s_nan = s_nan | (full[1] != full[1]) | (raw[1] != raw[1])
         if NEED_FULL:
             s_empty = full[0] == -float("inf")
@@ -274,7 +303,7 @@ def _sparse_row(s_row, ids_row, lp_row, g_row, C, K, y, bad, T, inv_T, g_scale, 
     t_empty = False
     if NORM != NORM_TAIL:  # a tail teacher with no finite slot is all tail mass
         t_empty = tl.max(lp, 0) == -float("inf")
-    row_nan = bad | lp_bad | s_nan
+    row_nan = bad | s_nan
     row_ok = (~row_nan) & (~s_empty) & (~t_empty)
 
     # the row's loss: the KD term from the K slots (+ the tail outcome), CE from its LSE at 1
@@ -310,7 +339,7 @@ def _sparse_row(s_row, ids_row, lp_row, g_row, C, K, y, bad, T, inv_T, g_scale, 
         # every thread's dense store lands before the support columns are overwritten
         tl.debug_barrier()
         g = slot_gradient(g_k, x_k, idx, y, norm_raw, ce_w, cap, out, USE_CE, SOFTCAP_S)
-        tl.store(g_row + idx, g.to(g_row.dtype.element_ty), mask=valid)
+        tl.store(g_row + idx, g.to(g_row.dtype.element_ty), mask=mine)
     return loss
 
 
