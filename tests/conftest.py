@@ -35,6 +35,10 @@ SLOW = (
     "tests/test_triton_llm.py::test_softcap_with_every_preset_float64*",
     "tests/test_triton_sparse.py::test_compiles_for_sm80_and_sm90",
     "tests/test_linear.py::test_torch_compile_across_the_call[*]",
+    # tensor parallel: the spawned gloo groups (~100 s), the torchrun example and the GPU-check step
+    "tests/test_parallel.py::test_*[P*]",
+    "tests/test_parallel.py::test_example_runs_under_torchrun",
+    "tests/test_parallel.py::test_gpu_check_tp_step_runs_on_cpu",
 )
 
 
