@@ -10,7 +10,7 @@ Two engines (docs/tensor_parallel.md):
 
 * **The Triton split** (:mod:`kdkernels._triton.shard`, chosen by :func:`_split_launcher`) for the KD
   family — the KD term with any divergence over the whole vocabulary, CE, softcap, a fixed or learnable
-  temperature —, DKD/AEKT and sparse teachers:
+  temperature —, DKD/AEKT, sparse teachers and dense top-k teachers (renorm, teacher):
   one launch writes each row's record (LSE states, the target logit) over the local columns, one
   ``all_gather`` of the records, one launch writes the local gradient, one ``all_reduce`` of the per-row
   divergence parts; it goes through the engine's autograd Function like any launcher (one ``[N, V_r]``
@@ -371,9 +371,10 @@ def _split_launcher(backend, device, spec, temperature, reason: Optional[str], g
         return ShardLauncher(group, offset, vocab)
     if explicit:
         raise BackendUnavailableError(
-            f"backend='triton' on sharded logits runs the KD family (any divergence over the whole vocabulary, "
-            f"CE, softcap, a fixed or learnable temperature), DKD/AEKT and sparse teachers; {reason} is evaluated by the sharded formulas: use "
-            "backend='auto' or 'reference' (docs/tensor_parallel.md)")
+            "backend='triton' on sharded logits runs the KD family (any divergence over the whole vocabulary, "
+            "CE, softcap, a fixed or learnable temperature), DKD/AEKT, sparse teachers and dense top-k teachers "
+            f"(renorm, teacher); {reason} is evaluated by the sharded formulas: use backend='auto' or 'reference' "
+            "(docs/tensor_parallel.md)")
     return None
 
 
@@ -431,6 +432,11 @@ def sharded_logit_distill(s, t, labels, spec, group=None, vocab_offset: Optional
         s2d = s2d if s2d.stride(-1) == 1 else s2d.contiguous()
         if not sparse:
             t2d = t2d if t2d.stride(-1) == 1 else t2d.contiguous()
+        if spec.teacher_topk is not None:  # the global support first; then it is the sparse teacher's split
+            from ._triton.shard import dense_topk_teacher
+            t2d = dense_topk_teacher(s2d, t2d, labels, spec, split)
+            spec = spec.replace(teacher_topk=None, softcap=(spec.softcap[0] or None, None))
+            sparse = True
         form = (t2d.normalize, t2d.ids.shape[-1]) if sparse else None
         loss = fused_logit_distill(s2d, t2d, labels, temperature, packed(spec, form), split)
     else:

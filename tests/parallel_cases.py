@@ -121,6 +121,12 @@ SPLIT_CASES = {
     "split_aekt_masked_labels_one_shard": lambda s, t, g, **kw: kdk.aekt_loss(s, t, _labels(True), ce_weight=0.3,
                                                                               reduction="none", process_group=g,
                                                                               **kw),
+    "split_topk_renorm_rkl_ce_softcap": lambda s, t, g, **kw: kdk.kd_loss(s, t, 2.0, labels=_labels(), ce_weight=0.5,
+                                                                          teacher_topk=kdk.TopK(3, "renorm"),
+                                                                          divergence="reverse_kl", softcap=(3.0, 2.5),
+                                                                          reduction="none", process_group=g, **kw),
+    "split_topk_teacher_masked": lambda s, t, g, **kw: kdk.kd_loss(s, t, 2.0, teacher_topk=kdk.TopK(5, "teacher"),
+                                                                   process_group=g, **kw),
     "split_trl_jsd": lambda s, t, g, **kw: kdk.generalized_jsd_loss(s, t, _labels(), beta=0.4, temperature=2.0,
                                                                     process_group=g, **kw),
 }
@@ -215,6 +221,8 @@ def run_split_special(group, offset, width):
     lonely[4, :] = torch.where(torch.arange(V) < 5, -math.inf, lonely[4, :])  # −inf on the first shard only
     lonely[5, 9] = math.nan
     case("masked_one_shard_nan_row", lonely, t, kd)
+    case("topk_renorm_nan_outside_support", lonely, t,  # the dense engine reads the whole row: a NaN row
+         lambda s_, t_, g, **kw: kdk.kd_loss(s_, t_, 2.0, teacher_topk=kdk.TopK(3, "renorm"), process_group=g, **kw))
     sp = _sparse(gen, torch.float64)
     ids = sp.ids.clone()
     ids[6, 1] = V + 2  # an id outside the vocabulary: that row is NaN on every rank
@@ -397,6 +405,8 @@ COMM_SPLIT = {
     "reverse_kl / jsd / tvd / skew, split": lambda s, t, g: kdk.kd_loss(s, t, 1.0, divergence=("jsd", 0.5),
                                                                       process_group=g, backend="triton"),
     "dkd_loss / aekt_loss, split": lambda s, t, g: kdk.dkd_loss(s, t, _labels(), process_group=g, backend="triton"),
+    "teacher_topk=TopK(4, \"renorm\"), split": lambda s, t, g: kdk.kd_loss(s, t, 1.0, teacher_topk=kdk.TopK(4, "renorm"),
+                                                                          process_group=g, backend="triton"),
     "SparseTeacher K = 5, renorm, split": lambda s, t, g: kdk.kd_loss(s, _sparse(torch.Generator().manual_seed(3),
                                                                                s.dtype), 1.0, process_group=g,
                                                                        backend="triton"),

@@ -30,7 +30,7 @@ NAMES = (list(CASES) + list(SPARSE_CASES) + ["temperature", "fused_linear", "dte
 SPLIT_SPECIAL_TOL = {"streamed": 1e-12, "streamed_jsd": 1e-12, "row_temperature": 1e-12,
                      "bf16_student_fp32_teacher": 1e-2, "fp16": 2e-3, "masked_one_shard_nan_row": 1e-12,
                      "no_grad": 1e-12, "learnable_temperature_batchmean": 1e-12, "learnable_temperature_none": 1e-12,
-                     "sparse_tail_streamed_bad_id": 1e-12, "sparse_renorm_streamed_bad_id": 1e-12}
+                     "sparse_tail_streamed_bad_id": 1e-12, "topk_renorm_nan_outside_support": 1e-12, "sparse_renorm_streamed_bad_id": 1e-12}
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 

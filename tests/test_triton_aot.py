@@ -116,6 +116,15 @@ def shard_jobs():
                          "constexprs": dict(row, HAS_GFACTOR=False, WRITE_GRAD=True, REDUCTION=2, DIVERGENCE=0,
                                             BATCH_BLOCK=E.BATCH_BLOCK),
                          "label": f"shard sparse apply {label}"})
+    for dtype, C, k in ((torch.float32, 1000, 8), (torch.bfloat16, 16_000, 64)):
+        block, single, warps = E.block_config(C)
+        jobs.append({"kernel": "kdkernels._triton.shard:_shard_topk_kernel", "num_warps": warps,
+                     "signature": dict(s_ptr="*" + TY[dtype], t_ptr="*" + TY[dtype], labels_ptr="*i64",
+                                       params_ptr="*fp32", record_ptr="*fp32", C="i32", V="i32", offset="i32",
+                                       stride_s_row="i32", stride_t_row="i32", ignore_index="i32"),
+                     "constexprs": dict(HAS_LABELS=True, TOPK_K=k, K_PAD=E._next_pow2(k), BLOCK_C=block,
+                                        SINGLE_BLOCK=single, ACC="tl.float32", SOFTCAP_S=True, SOFTCAP_T=True),
+                     "label": f"shard top-k k={k} {TY[dtype]} C={C}"})
     return jobs
 
 

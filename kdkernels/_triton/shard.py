@@ -47,7 +47,8 @@ from .divergence import FORWARD_KL
 from .engine import (BATCH_BLOCK, P_CE_WEIGHT, P_KD_WEIGHT, P_LOSS_WEIGHT, P_NCKD_WEIGHT, P_SOFTCAP_S, P_TCKD_WEIGHT,
                      REDUCTION_BATCHMEAN, _decoupled_row, _llm_terms, _overrides,
                      _pass_gradient, _pass_row_stats, _pass_sums, _row_transform,
-                     acc_dtype, block_config, kernel_flags, param_tensor, row_ref, row_scales, row_status,
+                     _next_pow2, _pass_support, acc_dtype, block_config, kernel_flags, param_tensor, row_ref,
+                     row_scales, row_status,
                      row_temperature, scale_rows_, unpack, zero_row, _load_row)
 from .row_ops import log_prob, lse_init, lse_merge, lse_norm, softcap, topk_init
 from .sparse import NORM_RENORM, NORM_TAIL, load_slots, sparse_row_terms
@@ -394,16 +395,55 @@ def _shard_sparse_apply_kernel(s_ptr, ids_ptr, lp_ptr, labels_ptr, temp_ptr, gfa
 
 
 # -------------------------------------------------------------------------------------------------
+# a dense top-k teacher (renorm, teacher): the global support first, then the sparse teacher's split
+# -------------------------------------------------------------------------------------------------
+@triton.jit
+def _shard_topk_kernel(s_ptr, t_ptr, labels_ptr, params_ptr, record_ptr, C, V, offset, stride_s_row, stride_t_row,
+                       ignore_index, HAS_LABELS: tl.constexpr, TOPK_K: tl.constexpr, K_PAD: tl.constexpr,
+                       BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr,
+                       SOFTCAP_S: tl.constexpr, SOFTCAP_T: tl.constexpr):
+    """Launch 0 of a dense top-k teacher, one program per row: the local support List (P2', the teacher's
+    TOPK_K largest softcapped logits, ties to the lower column) as (key, global id) — ids as exact
+    accumulation-dtype values (< 2^24), −1 for a slot without a column — and the local LSE sums of s and t
+    (NaN when the shard holds a NaN or +inf: its row is NaN on every rank)."""
+    row = tl.program_id(0).to(tl.int64)
+    ignored = shard_label(labels_ptr, row, offset, C, V, ignore_index, HAS_LABELS)[2]
+    ref, offs, xf, zero = _shard_row(s_ptr, t_ptr, params_ptr, row, C, stride_s_row, stride_t_row, ignored,
+                                     BLOCK_C, SINGLE_BLOCK, ACC, SOFTCAP_S, SOFTCAP_T)
+    sup = topk_init(TOPK_K, K_PAD, ACC)
+    d_s = zero
+    d_t = zero
+    if not ignored:
+        sup = _pass_support(ref, offs, xf, TOPK_K, K_PAD, BLOCK_C, SINGLE_BLOCK, ACC, SOFTCAP_S, SOFTCAP_T)
+        row_stats = _pass_row_stats(
+            ref, offs, xf, -1, (zero, zero), 1.0 + zero, zero, topk_init(1, 2, ACC), False, False, False, False, 1,
+            False, False, 1, False, False, 1, 2, 2, BLOCK_C, SINGLE_BLOCK, ACC, SOFTCAP_S, SOFTCAP_T, 0, 0)
+        d_s = row_stats[0][0][1]
+        d_t = row_stats[0][1][1]
+    key = sup[0]
+    idx = sup[1]
+    real = (idx >= 0) & (idx < C)
+    out = record_ptr + row * (2 + 2 * K_PAD)
+    tl.store(out + 0, d_s)
+    tl.store(out + 1, d_t)
+    slot = tl.arange(0, K_PAD)
+    tl.store(out + 2 + slot, tl.where(real, key, -float("inf")))
+    tl.store(out + 2 + K_PAD + slot, tl.where(real, idx + offset, -1).to(ACC))
+
+
+# -------------------------------------------------------------------------------------------------
 # launchers
 # -------------------------------------------------------------------------------------------------
 def shard_unsupported(spec, temperature: Optional[torch.Tensor]) -> Optional[str]:
     """Why the split does not take a :class:`~kdkernels.LogitDistill` spec (None when it does): it takes the
     KD family — the KD term with any divergence over the whole vocabulary, CE, softcap, a fixed or learnable
-    temperature — DKD/AEKT and sparse teachers; the other presets run the sharded formulas
-    (kdkernels.parallel)."""
+    temperature — DKD/AEKT, sparse teachers and dense top-k teachers (renorm, teacher: dense_topk_teacher
+    turns them into sparse ones); the other presets run the sharded formulas (kdkernels.parallel)."""
     for what, used in (("standardize", spec.standardize), ("teacher_topk_scale", spec.teacher_topk_scale),
                        ("LDRLD's relation term", spec.relation),
-                       ("TopKD's TDL", spec.tdl), ("a top-k teacher", spec.teacher_topk),
+                       ("TopKD's TDL", spec.tdl),
+                       ("a dense top-k teacher with normalize='tail'",
+                        spec.teacher_topk is not None and spec.teacher_topk.normalize == "tail"),
                        ("DTKD", spec.dtkd_weight != 0), ("value='cross_entropy'", spec.value != "kl")):
         if used:
             return what
@@ -534,6 +574,44 @@ def sparse_shard_forward(s, teacher, labels, temperature, spec, grad, grad_facto
     if int(p["reduction"]) == REDUCTION_CODES["none"]:
         return rows, None
     return rows.sum() / _count(labels, p, N, acc, s.device), None
+
+
+def dense_topk_teacher(s, t, labels, spec, shard: ShardLauncher) -> SparseTeacher:
+    """The global support of a dense top-k teacher (renorm / teacher) on this rank's shard, as the sparse
+    teacher the split then runs: ids [N, k] (global; the teacher's k largest softcapped logits, ties to the
+    lower id) and, as "log-probabilities", the softcapped teacher logits there (renorm and teacher
+    normalise them over the support at T, so an additive constant does not matter). One launch, one
+    ``all_gather`` of [N, 2 + 2·K_PAD]; a row with a NaN / +inf anywhere gets NaN values (a NaN row)."""
+    from ..parallel import all_gather_records
+    N, C = s.shape
+    k = spec.teacher_topk.k
+    acc = acc_dtype(s.dtype)
+    floats, ints = spec.packed().pack()
+    p = unpack(floats, ints)
+    params = param_tensor(floats, s.device, acc)
+    k_pad = max(_next_pow2(max(k, 2)), 2)
+    block, single, num_warps = block_config(C)
+    record = torch.empty(N, 2 + 2 * k_pad, dtype=acc, device=s.device)
+    if N > 0:
+        _shard_topk_kernel[(N,)](s, t, labels if labels is not None else params, params, record, C, shard.vocab,
+                                 shard.offset, s.stride(0), t.stride(0), int(p["ignore_index"]),
+                                 HAS_LABELS=labels is not None, TOPK_K=k, K_PAD=k_pad, BLOCK_C=block,
+                                 SINGLE_BLOCK=single, ACC=tl.float64 if acc == torch.float64 else tl.float32,
+                                 SOFTCAP_S=p["softcap_s"] != 0, SOFTCAP_T=p["softcap_t"] != 0, num_warps=num_warps)
+    records = all_gather_records(record, shard.group)                  # [P, N, 2 + 2·K_PAD]
+    poisoned = torch.isnan(records[:, :, :2]).any(-1).any(0)           # [N]
+    keys = records[:, :, 2:2 + k_pad].permute(1, 0, 2).reshape(N, -1)
+    ids = records[:, :, 2 + k_pad:].permute(1, 0, 2).reshape(N, -1)
+    real = ids >= 0
+    # the k best of the P lists by (key desc, id asc): sort by id, then stably by key
+    order_ids = torch.where(real, ids, torch.full_like(ids, float(shard.vocab))).sort(dim=-1, stable=True)
+    keys = torch.where(real, keys, torch.full_like(keys, -float("inf"))).gather(1, order_ids.indices)
+    best = keys.sort(dim=-1, descending=True, stable=True).indices[:, :k]
+    top_ids = order_ids.values.gather(1, best)
+    top_keys = keys.gather(1, best)
+    top_ids = torch.where(top_ids < shard.vocab, top_ids, torch.full_like(top_ids, -1.0)).to(torch.int64)
+    top_keys = torch.where(poisoned[:, None], torch.full_like(top_keys, float("nan")), top_keys)
+    return SparseTeacher(top_ids, top_keys, spec.teacher_topk.normalize)
 
 
 def _count(labels, p: dict, N: int, acc, device) -> torch.Tensor:
