@@ -28,6 +28,13 @@ rank); DKD/AEKT add the teacher's target logit and the non-target states of ``s/
 The gradient is the engine's, column for column (``_pass_gradient``/``_column_terms`` with the merged
 states): ``kd_w·T·(qg_c − q_c·Σqg) + ce_w·(softmax(s)_c − [c = y])``, × softcap's slope.
 
+A sparse teacher (``_shard_sparse_*``) needs no per-row sum from other ranks: its record holds the stats
+pass's state (the full one, or the complement of the ids for tail), the state at 1 (CE), the logit at the
+label and the student at the K ids the rank owns; after one all_gather every rank evaluates the K (+ tail)
+outcomes with sparse.py's ``sparse_row_terms`` and writes its columns. A dense top-k teacher (renorm,
+teacher) first exchanges each shard's support List (``_shard_topk_kernel``, P2'), merges it with ties to
+the lower global id (``dense_topk_teacher``) and then is that sparse teacher.
+
 Bytes moved per rank and row of ``C`` local columns: launch 1 reads ``s`` and ``t`` once, launch 3 reads them
 once more and writes the gradient: 5 transfers of ``[N, C]`` (an unsharded streamed KD row moves 5 too, a
 single-block one 3: a launch cannot keep the row in registers for the next), 7 with launch 2 (another
