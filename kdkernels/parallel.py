@@ -351,6 +351,10 @@ def _local_operands(s, t, group, vocab_offset, vocab_size):
     return s, t, group, vocab_offset, vocab_size
 
 
+#: the split exchanges a dense top-k teacher's global ids in its float record: exact below 2^24 classes
+TOPK_ID_LIMIT = 1 << 24
+
+
 def _split_launcher(backend, device, spec, temperature, reason: Optional[str], group, offset: int, vocab: int):
     """The Triton split's launcher (kdkernels._triton.shard) when ``backend`` resolves to triton and the
     spec is in its family (``reason`` None: no sparse teacher, no teacher gradient), else None: the sharded
@@ -366,6 +370,9 @@ def _split_launcher(backend, device, spec, temperature, reason: Optional[str], g
     if name != "triton":
         return None
     from ._triton.shard import ShardLauncher, shard_unsupported
+    if spec.teacher_topk is not None and vocab >= TOPK_ID_LIMIT:
+        reason = reason or (f"a dense top-k teacher over {vocab} ≥ 2^24 classes (the exchanged ids are exact "
+                            "floats only below)")
     reason = reason or shard_unsupported(spec, temperature)
     if reason is None:
         return ShardLauncher(group, offset, vocab)

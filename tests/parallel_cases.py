@@ -269,6 +269,10 @@ def run_boundary_checks(group, offset, width) -> dict:
     if SPLIT:
         refused("triton_ldrld", lambda: kdk.ldrld_loss(s, t, k=3, backend="triton", process_group=group),
                 "sharded formulas")
+        huge = kdk.LogitDistill(temperature=2.0, teacher_topk=kdk.TopK(3, "renorm"))
+        refused("triton_topk_ids_beyond_float32", lambda: kdk.logit_distill(
+            s, t, None, huge, backend="triton", process_group=group, vocab_offset=offset, vocab_size=1 << 24),
+            "2^24 classes")
     refused("inplace", lambda: kdk.kd_loss(s.clone(), t, inplace=True, process_group=group), "inplace")
     refused("contrastive", lambda: kdk.topkd_loss(s, t, _labels(), k=2, contrastive_weight=0.5,
                                                   process_group=group), "contrastive")

@@ -518,11 +518,12 @@ def shard_forward(s, t, labels, temperature, spec, grad, grad_factor, shard: Sha
             ADAPTIVE=flags["ADAPTIVE"], WANT_DTEMP=learnable, BATCH_BLOCK=flags["BATCH_BLOCK"],
             DIVERGENCE=divergence, num_warps=num_warps, **row_flags)
 
-    part = torch.zeros(ROW_PARTS.value, N, dtype=acc, device=s.device)
-    terms = torch.zeros(N, ROW_TERMS.value, dtype=acc, device=s.device)
+    # every entry of these is written by the launches (an ignored row's too)
+    part = torch.empty(ROW_PARTS.value, N, dtype=acc, device=s.device)
+    terms = torch.empty(N, ROW_TERMS.value, dtype=acc, device=s.device)
     sums = dummy
     if divergence != FORWARD_KL or learnable:  # launch 2: this shard's sums; all-reduced before the gradient
-        sums = torch.zeros(N, 5 if learnable else 2, dtype=acc, device=s.device)
+        sums = torch.empty(N, 5 if learnable else 2, dtype=acc, device=s.device)
         apply(PHASE_SUMS.value, sums, part, terms, None)
         all_reduce(sums, shard.group, "row sums")
     apply(PHASE_GRADIENT.value, sums, part, terms, grad)
@@ -560,9 +561,10 @@ def sparse_shard_forward(s, teacher, labels, temperature, spec, grad, grad_facto
     stride_temp = temperature.stride(0) if temperature is not None else 0
     row_flags = dict(HAS_LABELS=labels is not None, TEMP_IS_TENSOR=temperature is not None,
                      USE_KD=p["kd_weight"] != 0, USE_CE=p["ce_weight"] != 0, NORM=norm, SOFTCAP_S=p["softcap_s"] != 0,
-                     K_PAD=k_pad, BLOCK_C=block, SINGLE_BLOCK=single, ACC=tl.float64 if acc == torch.float64 else tl.float32)
+                     K_PAD=k_pad, BLOCK_C=block, SINGLE_BLOCK=single,
+                     ACC=tl.float64 if acc == torch.float64 else tl.float32)
     record = torch.empty(N, SPARSE_HEAD.value + k_pad, dtype=acc, device=s.device)
-    rows = torch.zeros(N, dtype=acc, device=s.device)
+    rows = torch.empty(N, dtype=acc, device=s.device)
     ignore_index = int(p["ignore_index"])
     if N > 0:
         _shard_sparse_stats_kernel[(N,)](s, ids, logprobs, lab, temp, params, record, C, K, shard.vocab, shard.offset,
