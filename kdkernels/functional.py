@@ -17,8 +17,8 @@ from .contrastive import info_nce
 from .dispatch import load_launcher, resolve, unavailable_reason
 from .engine import fused_logit_distill
 from .spec import Decoupled, LogitDistill, RankRelation, SparseTeacher, TopKDecoupled, TopKScale
-from .validation import (check_logits, check_mode, check_sparse_values, check_values, flatten_labels,
-                         flatten_sparse, flatten_temperature)
+from .validation import (check_logits, check_mode, check_sparse_spec, check_sparse_values, check_values,
+                         flatten_labels, flatten_sparse, flatten_temperature)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,10 +113,7 @@ def _sparse_distill(s, teacher: SparseTeacher, labels, spec: LogitDistill, backe
     N = math.prod(lead)
     ids, logprobs = flatten_sparse(teacher, lead, s.device)
     spec.check_classes(C)
-    spec.check_sparse(teacher.normalize, ids.shape[-1])
-    if spec.softcap[1] != 0:
-        raise ValueError("softcap: a sparse teacher holds log-probabilities, not logits; cap the student only, "
-                         "e.g. softcap=(30.0, None)")
+    check_sparse_spec(spec, teacher, ids.shape[-1])
     if spec.contrastive_weight != 0:
         raise ValueError("the contrastive term needs dense teacher logits; a SparseTeacher cannot feed it")
     labels = flatten_labels(labels, lead, s.device)

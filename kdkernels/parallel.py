@@ -392,8 +392,8 @@ def sharded_logit_distill(s, t, labels, spec, group=None, vocab_offset: Optional
     (``None``: the default group) — see the module docstring. Returns the unsharded loss on every rank."""
     from . import reference
     from .spec import SparseTeacher
-    from .validation import (check_label_values, check_logits, check_mode, check_sparse_values, flatten_labels,
-                             flatten_sparse, flatten_temperature)
+    from .validation import (check_label_values, check_logits, check_mode, check_sparse_spec, check_sparse_values,
+                             flatten_labels, flatten_sparse, flatten_temperature)
 
     s, t, group, vocab_offset, vocab_size = _local_operands(s, t, group, vocab_offset, vocab_size)
     labels = local_input(labels, "labels")
@@ -415,9 +415,7 @@ def sharded_logit_distill(s, t, labels, spec, group=None, vocab_offset: Optional
     s2d = s.reshape(N, width)
     if sparse:
         ids, logprobs = flatten_sparse(t, lead, s.device)
-        spec.check_sparse(t.normalize, ids.shape[-1])
-        if spec.softcap[1] != 0:
-            raise ValueError("softcap: a sparse teacher holds log-probabilities, not logits; cap the student only")
+        check_sparse_spec(spec, t, ids.shape[-1])
         t2d = SparseTeacher(ids, logprobs, t.normalize)
     else:
         t2d = t.reshape(N, width)

@@ -126,6 +126,15 @@ def flatten_sparse(teacher, lead_shape, device):
 LOGPROB_SLACK = 1e-3
 
 
+def check_sparse_spec(spec, teacher, K: int) -> None:
+    """What a spec may combine with a sparse teacher of K slots (the spec's own rules), and no teacher
+    softcap: the teacher holds log-probabilities."""
+    spec.check_sparse(teacher.normalize, K)
+    if spec.softcap[1] != 0:
+        raise ValueError("softcap: a sparse teacher holds log-probabilities, not logits; cap the student only, "
+                         "e.g. softcap=(30.0, None)")
+
+
 def check_sparse_values(ids, logprobs, C: int) -> None:
     """Check mode for a sparse teacher (device sync): ids in ``[0, C)`` or padding, distinct within a row;
     log-probabilities finite or −inf and ≤ 0 (up to ``LOGPROB_SLACK``) at the valid slots."""
