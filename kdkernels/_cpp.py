@@ -8,7 +8,10 @@ Both implement the launcher contract of :mod:`kdkernels.engine` (``contract = 2`
   reduction (none → ``[N]`` rows × loss_weight; sum / batchmean → a 0-dim tensor, batchmean's valid-row
   count taken from the labels inside the op), ``∂loss/∂T_n`` for a learnable temperature, and
   ``grad_factor·∂loss/∂s`` written into ``grad`` (declared ``Tensor(a!)``, version counter bumped);
-* ``kdkernels::scale_rows_`` — ``grad[n] *= factor[n]``, skipping rows whose factor is exactly 1.0.
+* ``kdkernels::scale_rows_`` — ``grad[n] *= factor[n]``, skipping rows whose factor is exactly 1.0;
+* ``kdkernels::logit_distill_loss`` (``csrc/autograd.cpp``) — the same forward launch with its backward
+  (``scale_rows_`` by ``grad_output``) recorded by a C++ autograd node: the launchers' ``fused_loss``, which
+  :func:`kdkernels.engine.fused_logit_distill` takes for the common calls, so no Python runs in backward.
 
 The student and the teacher may have different floating dtypes (each is loaded in its own dtype; the
 CUDA engine pairs any of float32/float16/bfloat16, float64 only with float64). The teacher may be a
@@ -51,6 +54,10 @@ if _IMPORT_ERROR is None:
         per_row = iparams[_REDUCTION_SLOT] == REDUCTION_CODES["none"]
         return (s.new_empty((N,) if per_row else (), dtype=acc),
                 s.new_empty((N if want_dtemp else 0,), dtype=acc))
+
+    @torch.library.register_fake("kdkernels::logit_distill_loss")
+    def _logit_distill_loss_fake(s, t, labels, temperature, fparams, iparams, teacher_ids=None):
+        return _logit_distill_fwd_fake(s, t, labels, temperature, fparams, iparams, None, None, False)[0]
 
     @torch.library.register_fake("kdkernels::scale_rows_")
     def _scale_rows_fake(grad, factor):
@@ -108,6 +115,14 @@ class CppLauncher:
         torch.ops.kdkernels.scale_rows_(grad, factor)
         return grad
 
+    def fused_loss(self, s, t, labels, temperature, spec: PackedSpec):
+        """The loss of one forward launch that writes the gradient, with a C++ autograd node whose backward
+        scales it by ``grad_output`` (the optional fast path of the launcher contract; the caller checks
+        that the call needs nothing else: see :func:`kdkernels.engine.fused_logit_distill`)."""
+        ids = _teacher_ids(t)
+        s, t, labels, temperature, floats, ints, _, _, _ = _op_args(s, t, labels, temperature, spec, None, None)
+        return torch.ops.kdkernels.logit_distill_loss(s, t, labels, temperature, floats, ints, ids)
+
 
 def _op_args(s, t, labels, temperature, spec, grad, grad_factor):
     """The op's arguments for the launcher contract's (``spec``: a PackedSpec or a LogitDistill; ``t``: dense
@@ -128,6 +143,9 @@ class SimulatedCudaLauncher(CppLauncher):
     """Test-only launcher: the CUDA launch's code path (count, re-read rows, recomputed gradient, multi-lane
     reductions and top-k merges, the last block's reduction) on CPU tensors, each block run by ``lanes``
     host threads. Slow; it lets CI check the CUDA kernels' logic without a GPU."""
+
+    #: no C++ autograd fast path: every call goes through the simulated launch
+    fused_loss = None
 
     def __init__(self, lanes: int = 4):
         super().__init__("cpu")

@@ -72,7 +72,11 @@ def resolve(backend: Optional[str], device: torch.device, family: str = "logit")
     """The backend name to run on ``device``: the explicit choice (or an error), or auto's pick (cached
     per argument and ``KDKERNELS_BACKEND``/``TRITON_INTERPRET`` values: availability does not change while
     a process runs, and this is called on every loss)."""
-    key = (backend, device, family, os.environ.get("KDKERNELS_BACKEND"), os.environ.get("TRITON_INTERPRET"))
+    # the environment only steers auto's pick and the Triton backend's availability (an explicit C++ or
+    # reference backend skips reading it: host time per call)
+    env = (os.environ.get("KDKERNELS_BACKEND"), os.environ.get("TRITON_INTERPRET")) \
+        if backend in (None, "auto", "triton") else None
+    key = (backend, device, family, env)
     hit = _resolved.get(key)
     if hit is not None and _cache.get((family, hit[0])) is hit[1]:  # the same launcher object: still valid
         return hit[0]

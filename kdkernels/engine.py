@@ -20,6 +20,12 @@ Launcher contract — every fused backend (``_triton``, ``cuda``, ``cpu``) expos
 ``scale_(grad, factor)``
     ``grad[n, :] *= factor[n]`` in place, ``factor`` an ``[N]`` tensor (possibly stride 0) read on the
     device; rows whose factor is exactly 1.0 are skipped (the usual ``loss.backward()`` costs no pass).
+``fused_loss(s, t, labels, temperature, spec) -> loss`` (optional; ``None`` where absent)
+    the same forward launch writing the gradient, with its backward (``scale_`` by ``grad_output``)
+    recorded by a native autograd node, so no Python runs in backward and the Function's Python costs
+    are skipped (the C++ backends: ``csrc/autograd.cpp``). :func:`fused_logit_distill` takes it only for
+    calls that need nothing beyond the contract below (see :func:`_native_autograd`); it follows the
+    same contract (one buffer, second backward and double backward raise).
 
 The autograd contract (what the Function holds and allows):
 
@@ -218,7 +224,18 @@ def fused_logit_distill(s: torch.Tensor, t: torch.Tensor, labels: Optional[torch
     if not want_grad and (temperature is None or not temperature.requires_grad or not torch.is_grad_enabled()):
         # no autograd graph: one launch, nothing kept
         return launcher.forward(s, t, labels, temperature, spec, None, None)[0]
+    if _native_autograd(s, temperature, spec, launcher):
+        return launcher.fused_loss(s, t, labels, temperature, spec)
     function = LogitDistillFunction if torch._C._are_functorch_transforms_active() else _EagerFunction
     loss, _, _ = function.apply(s, t, labels, temperature, spec, launcher, want_grad, _repeatable)
     return loss
 
+
+
+def _native_autograd(s: torch.Tensor, temperature: Optional[torch.Tensor], spec: PackedSpec, launcher) -> bool:
+    """Whether a call that writes the gradient can take the launcher's ``fused_loss``: the launcher has one,
+    and the call needs none of what only the Python Function does — a learnable temperature (dtemp),
+    ``inplace``, float16's deferred gradient, a repeatable backward, ``torch.func`` transforms, tracing."""
+    return (getattr(launcher, "fused_loss", None) is not None and not spec.inplace and s.dtype != torch.float16
+            and not _repeatable and (temperature is None or not temperature.requires_grad)
+            and not torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling())

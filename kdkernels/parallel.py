@@ -305,6 +305,8 @@ def from_dtensor(x) -> tuple:
 
 
 def is_dtensor(x) -> bool:
+    if type(x) is torch.Tensor or not isinstance(x, torch.Tensor):  # without the import (host time per call)
+        return False
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without distributed

@@ -48,10 +48,12 @@ def flatten_labels(labels, lead_shape, device) -> Optional[torch.Tensor]:
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype not in LABEL_DTYPES:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    if tuple(labels.shape) != tuple(lead_shape):
+    if labels.shape != lead_shape:
         raise ValueError(f"labels must have shape {tuple(lead_shape)} (the logits' leading dims), got {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"labels must be on the logits' device {device}, got {labels.device}")
+    if labels.dim() == 1 and labels.dtype == torch.int64 and labels.stride(0) == 1:
+        return labels  # already what the kernels read (no op dispatched: host time per call)
     return labels.reshape(-1).to(torch.int64).contiguous()  # kernels read labels[row] densely
 
 
@@ -103,7 +105,7 @@ def flatten_sparse(teacher, lead_shape, device):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.device != device:
             raise ValueError(f"{name} must be on the student's device {device}, got {x.device}")
-        if x.dim() < 1 or tuple(x.shape[:-1]) != tuple(lead_shape):
+        if x.dim() < 1 or x.shape[:-1] != lead_shape:
             raise ValueError(f"{name} must have shape {tuple(lead_shape)} + (K,) (the student's leading dims), "
                              f"got {tuple(x.shape)}")
     if ids.dtype not in ID_DTYPES:
@@ -116,8 +118,9 @@ def flatten_sparse(teacher, lead_shape, device):
     K = ids.shape[-1]
     if ids.dtype not in (torch.int64, torch.int32):
         ids = ids.to(torch.int32)
-    ids = ids.reshape(-1, K)
-    logprobs = logprobs.reshape(-1, K)
+    if ids.dim() != 2:
+        ids = ids.reshape(-1, K)
+        logprobs = logprobs.reshape(-1, K)
     return (ids if ids.stride(-1) == 1 else ids.contiguous(),
             logprobs if logprobs.stride(-1) == 1 else logprobs.contiguous())
 
@@ -128,11 +131,17 @@ LOGPROB_SLACK = 1e-3
 
 def check_sparse_spec(spec, teacher, K: int) -> None:
     """What a spec may combine with a sparse teacher of K slots (the spec's own rules), and no teacher
-    softcap: the teacher holds log-probabilities."""
+    softcap: the teacher holds log-probabilities. Checked once per spec object and (normalize, K)."""
+    key = ("_sparse_checked", teacher.normalize, K)
+    compiling = torch.compiler.is_compiling()  # (dynamo traces no tuple keys in __dict__: no cache there)
+    if not compiling and key in spec.__dict__:
+        return
     spec.check_sparse(teacher.normalize, K)
     if spec.softcap[1] != 0:
         raise ValueError("softcap: a sparse teacher holds log-probabilities, not logits; cap the student only, "
                          "e.g. softcap=(30.0, None)")
+    if not compiling:
+        spec.__dict__[key] = True
 
 
 def check_sparse_values(ids, logprobs, C: int) -> None:

@@ -441,6 +441,16 @@ def test_opcheck_logit_distill_fwd():
 
 
 @needs_cpp
+def test_opcheck_logit_distill_loss():
+    """The op with its C++ autograd node (csrc/autograd.cpp): schema, fake kernel, autograd registration."""
+    for s, t, labels, T, floats, ints, grad, _, _ in _op_cases():
+        if grad is None or T is not None:
+            continue
+        x = s.detach().clone().requires_grad_(s.dtype != torch.bfloat16)
+        torch.library.opcheck(torch.ops.kdkernels.logit_distill_loss.default, (x, t, labels, None, floats, ints, None))
+
+
+@needs_cpp
 def test_opcheck_scale_rows():
     g = torch.randn(4, 9)
     for factor in (torch.tensor([1.0, 2.0, 1.0, 0.5]), torch.tensor(3.0, dtype=torch.float64).expand(4)):

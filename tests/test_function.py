@@ -228,3 +228,62 @@ def test_backward_allocates_nothing_of_size_n_c(backend, gen):
     with Fills() as mode:
         loss.backward()
     assert not mode.ops, mode.ops
+
+
+def _node_name(loss) -> str:
+    """The names of the loss's autograd nodes down to the first one with inputs of its own (a reshape of
+    the per-row losses sits above the loss node)."""
+    names, node = [], loss.grad_fn
+    while node is not None:
+        names.append(node.name())
+        nxt = [f for f, _ in node.next_functions if f is not None]
+        node = nxt[0] if len(nxt) == 1 and "View" in node.name() else None
+    return " ".join(names)
+
+
+@pytest.mark.parametrize("backend", [b for b in FUSED if b in ("cpu", "cuda")])
+def test_native_autograd_node_of_the_cpp_backends(backend, gen):
+    """The C++ backends record their backward in a C++ node (csrc/autograd.cpp, no Python in backward) for
+    the common calls; every call that needs more of the contract goes through the Python Function. Both
+    give the float64 reference's gradient for any grad_output (rows reshaped, stride 0, per-row)."""
+    s, t, y = make_inputs(gen, 6, 12, torch.float64)
+    specs = {"kd": kdk.LogitDistill(temperature=2.0), "dkd": kdk.LogitDistill(decoupled=kdk.Decoupled(), ce_weight=0.5),
+             "none": kdk.LogitDistill(temperature=3.0, reduction="none", loss_weight=0.5)}
+    for name, spec in specs.items():
+        x = s.clone().requires_grad_(True)
+        loss = kdk.logit_distill(x.view(2, 3, 12), t.view(2, 3, 12), y.view(2, 3), spec, backend=backend)
+        assert "LogitDistillLoss" in _node_name(loss), (name, _node_name(loss))
+        go = torch.randn(loss.shape, generator=gen, dtype=torch.float64)
+        g, = torch.autograd.grad(loss, x, go)
+        xr = s.clone().requires_grad_(True)
+        ref = kdk.logit_distill(xr.view(2, 3, 12), t.view(2, 3, 12), y.view(2, 3), spec, backend="reference")
+        g_ref, = torch.autograd.grad(ref, xr, go)
+        torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
+        torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-15)
+    # a stride-0 grad_output of the per-row losses (loss.sum() backward)
+    x = s.clone().requires_grad_(True)
+    kdk.logit_distill(x, t, y, specs["none"], backend=backend).sum().backward()
+    xr = s.clone().requires_grad_(True)
+    kdk.logit_distill(xr, t, y, specs["none"], backend="reference").sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-12, atol=1e-15)
+    # what only the Python Function does: learnable T, inplace, float16, a repeatable backward
+    x = s.clone().requires_grad_(True)
+    T = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    others = [kdk.kd_loss(x, t, T, backend=backend), kdk.kd_loss(x.detach().clone().requires_grad_(True) * 1.0, t,
+                                                                  inplace=True, backend=backend),
+              kdk.kd_loss(x.half(), t.half(), backend=backend)]
+    with kdk.repeatable_backward():
+        others.append(kdk.kd_loss(x, t, backend=backend))
+    for loss in others:
+        assert "LogitDistillLoss" not in _node_name(loss), _node_name(loss)
+
+
+@pytest.mark.parametrize("backend", [b for b in FUSED if b in ("cpu", "cuda")])
+def test_native_autograd_node_unused_loss(backend, gen):
+    """A loss that is computed but not part of what is differentiated costs nothing and breaks nothing."""
+    s, t, y = make_inputs(gen, 3, 10, torch.float32)
+    x = s.clone().requires_grad_(True)
+    loss = kdk.kd_loss(x, t, 2.0, backend=backend)
+    other = (x * 2.0).sum()
+    g, = torch.autograd.grad(other, x)
+    assert torch.equal(g, torch.full_like(x, 2.0)) and loss.requires_grad

@@ -21,7 +21,10 @@ COMPOSED = kdk.LogitDistill(temperature=2.0, standardize=True, ce_weight=0.5,
 
 
 class WrongLauncher:
-    """Wraps a real launcher; for inputs of ``dtype`` it scales the gradient (and, when asked, the loss)."""
+    """Wraps a real launcher; for inputs of ``dtype`` it scales the gradient (and, when asked, the loss).
+    It has no ``fused_loss`` (the C++ launchers' native autograd path would bypass ``forward``)."""
+
+    fused_loss = None
 
     def __init__(self, inner, dtype, grad_factor=1.05, loss_factor=1.0):
         self.inner, self.dtype = inner, dtype
