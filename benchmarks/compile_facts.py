@@ -7,7 +7,10 @@ instructions per column of the hot loops, from the ahead-of-time compile of Trit
 * CTAs per SM (sm_90): min over registers (65536 per SM, allocated per warp in units of 256), warps (64
   per SM), CTAs (32 per SM) and shared memory (228 KiB per SM, 1 KiB reserved per CTA).
 * hot loops: the natural loops of the SASS (a backward branch closes a loop from its target to itself);
-  the outermost loops that contain a global load (``LDG``) are the column loops. Instructions per column
+  the outermost loops that contain a global load (``LDG``) of the kernel's widest width are the column
+  loops (the vectorized row loads; the batch epilogue's loops — the last program summing the row losses,
+  counting labels — read 32/64-bit scalars once per launch, not per column, and are left out when the row
+  loads are wider; with scalar row loads every loop counts). Instructions per column
   of a loop = its SASS instructions × 32 threads × warps / BLOCK_C columns (one iteration covers a block),
   inner loops counted once (their trip counts are not static). A single-block row has no column loop: its
   figure is the whole kernel's instructions × threads / BLOCK_C.
@@ -139,6 +142,8 @@ def cubin_facts(cubin: str, num_warps: int, shared: int, block_c: Optional[int],
     insns = [(a, i) for a, i in insns if not (_BRA.search(i) and _BRA.search(i).group(1) is not None
                                               and int(_BRA.search(i).group(1), 16) == a)]
     loops = hot_loops(insns)
+    widest = max((max(lp["ldg_bits"]) for lp in loops), default=0)
+    loops = [lp for lp in loops if max(lp["ldg_bits"]) == widest]  # the column loops (module docstring)
     threads = num_warps * WARP
     facts = dict(usage, shared=shared, num_warps=num_warps, sass_instructions=len(insns),
                  spills=usage["local"], ctas_per_sm=ctas_per_sm(usage["registers"], num_warps, shared))

@@ -49,6 +49,9 @@ each documenting what it reads and which row records (tuples, see "row records" 
     P6 _pass_gradient      gradient write (loss too when P5 did not run); per column, P5 and P6 share
                            _column_terms
 
+Exponentials. The hot loops take exp(y/T) as 2^(y·log2(e)/T) (row_ops.exp_scaled: the scalar
+log2(e)/T hoists, leaving one multiply and one MUFU.EX2 per element; float64 keeps tl.exp).
+
 Numerics. An LSE state is kept in the logits' own units (``m`` = max x, ``d`` = Σ exp((x − m)/T)) and
 log-probabilities are ``(x − m)/T − log d``: exact when x/T overflows and when |x|/T ≳ 1e7 (where
 ``m/T + log d`` would round ``log d`` away, doubling tied maxima). NaN or +inf anywhere in a row makes its
@@ -83,8 +86,8 @@ import triton.language as tl
 from ..dispatch import interpreting
 from ..spec import FLOAT_FIELDS, INT_FIELDS, NORMALIZATION_CODES, REDUCTION_CODES, TOPK_MODES, SparseTeacher
 from .divergence import FORWARD_KL, divergence_terms
-from .row_ops import (BIG_IDX, bernoulli_kl, log_prob, lse_init, lse_merge, lse_norm, lse_update, moments_update, pick,
-                      ranks, softcap, topk_init, topk_merge)
+from .row_ops import (BIG_IDX, LN2, LOG2E, bernoulli_kl, exp2, log_prob, lse_init, lse_merge, lse_norm, lse_update,
+                      moments_update, pick, ranks, softcap, topk_init, topk_merge)
 
 #: largest row kept in registers (a single pass over memory); longer rows stream in blocks of this size
 MAX_BLOCK_C = 4096
@@ -891,14 +894,33 @@ def _pass_restricted(ref, offs, xf, inv_T, inv_Ts, inv_Tt, rel_idx, pos_idx, neg
 
 
 @triton.jit
+def _finite_or_0(m, v):
+    """``v``, or 0 where the state's maximum ``m`` is −inf (an empty set)."""
+    return tl.where(m == -float("inf"), 0.0, v)
+
+
+@triton.jit
 def _kl_terms(s, t, norm_s, norm_t, inv_ts, inv_tt):
     """Per column of one softmax pair, q = softmax(s/T_s), p = softmax(t/T_t):
-    (q, p, log q, log p, p·(log p − log q))."""
-    lq = log_prob(s, norm_s, inv_ts)
-    lp = log_prob(t, norm_t, inv_tt)
-    q = tl.exp(lq)
-    p = tl.exp(lp)
-    return q, p, lq, lp, tl.where(p > 0, p * (lp - lq), 0.0)
+    (q, p, log q, log p, p·(log p − log q)). In base 2 (log2 q = (s − m)·log2(e)/T_s − log2 d): one
+    FADD, FFMA and MUFU per exponential; a masked entry (−inf) gets q = 0 and log q = −inf without a
+    per-column select (an empty set's state is made (0, 0) first, as :func:`log_prob` does per column).
+    Float64 in natural units (a Python constant such as log2 e is a float32 in a kernel)."""
+    if s.dtype == tl.float64:
+        lq = log_prob(s, norm_s, inv_ts)
+        lp = log_prob(t, norm_t, inv_tt)
+        q = tl.exp(lq)
+        p = tl.exp(lp)
+        kl = tl.where(p > 0, p * (lp - lq), 0.0)
+    else:
+        l2q = (s - _finite_or_0(norm_s[0], norm_s[0])) * (inv_ts * LOG2E) - _finite_or_0(norm_s[0], norm_s[1] * LOG2E)
+        l2p = (t - _finite_or_0(norm_t[0], norm_t[0])) * (inv_tt * LOG2E) - _finite_or_0(norm_t[0], norm_t[1] * LOG2E)
+        q = exp2(l2q)
+        p = exp2(l2p)
+        lq = l2q * LN2
+        lp = l2p * LN2
+        kl = tl.where(p > 0, (p * LN2) * (l2p - l2q), 0.0)
+    return q, p, lq, lp, kl
 
 
 @triton.jit
@@ -923,18 +945,19 @@ def _column_terms(s, t, cols, y, norms, temps, weights, dec, sparse, tdl, shifts
     T, inv_T, T_s, T_t, inv_Ts, inv_Tt = temps
     kd_w, nckd_w, dtkd_w, rest_w = weights
     s_hi, t_hi = shifts
-    g = tl.zeros(s.shape, ACC)
-    kl_kd = g
-    kl_nc = g
-    kl_d = g
-    kl_r = g
-    a1 = g
-    a2 = g
-    a3 = g
-    b1 = g
-    b2 = g
-    b3 = g
-    dv = (g, g)
+    zeros = tl.zeros(s.shape, ACC)
+    g = tl.full(s.shape, -0.0, ACC)  # −0 + x is x exactly: the first term's add compiles away
+    kl_kd = zeros
+    kl_nc = zeros
+    kl_d = zeros
+    kl_r = zeros
+    a1 = zeros
+    a2 = zeros
+    a3 = zeros
+    b1 = zeros
+    b2 = zeros
+    b3 = zeros
+    dv = (zeros, zeros)
     if TOPK_MODE == TOPK_DENSE:
         div_param, sum_qg, w_key, w_idx, norm_p, norm_q, norm_sc, c_tail, c_sum, kd_ok = llm
         lp = log_prob(t, norm_p, inv_T)
