@@ -40,6 +40,10 @@ template <class A>
 KD_HD A kinf() { return static_cast<A>(INFINITY); }
 template <class A>
 KD_HD A knan() { return static_cast<A>(NAN); }
+//: the largest finite value of A (float: FLT_MAX, double: DBL_MAX)
+template <class A>
+KD_HD A kmax_finite() { return sizeof(A) == sizeof(float) ? static_cast<A>(3.40282346638528859812e+38F)
+                                                          : static_cast<A>(1.79769313486231570815e+308); }
 
 #if !defined(__CUDACC__)
 //: exp for float on the host, branch-free so loops calling it vectorise: exp(x) = 2^n·e^r with

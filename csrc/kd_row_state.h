@@ -113,8 +113,10 @@ struct RowState {
   }
 };
 
-//: TDL's Neg key: the k smallest t' among the classes not in Pos, masked classes last (as −key)
+//: TDL's Neg key (as −key, best first): the smallest t' among the classes not in Pos, then the masked
+//: classes, then the Pos classes (never chosen while k classes outside Pos exist, which TDL's k ≤ (C − 1)/2
+//: guarantees); ties to the lower column
 template <class A>
-KD_HD A neg_key(bool in_pos, A t) { return (in_pos || t == -kinf<A>()) ? -kinf<A>() : -t; }
+KD_HD A neg_key(bool in_pos, A t) { return in_pos ? -kinf<A>() : t == -kinf<A>() ? -kmax_finite<A>() : -t; }
 
 }  // namespace kd

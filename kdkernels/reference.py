@@ -213,8 +213,11 @@ def tdl_rows(s: torch.Tensor, t: torch.Tensor, tdl: TopKDecoupled, over: WholeRo
     """TopKD's TDL (docs/topkd.md): Pos/Neg/Non groups chosen by the transformed teacher ``t``."""
     k = tdl.k
     pos = over.mark(t, over.ranked(t, k))
-    # the k smallest among the classes not in Pos; masked (−inf) classes are taken last
-    neg_key = torch.where(pos | (t == -math.inf), torch.full_like(t, math.inf), t)
+    # the k smallest among the classes not in Pos; masked (−inf) classes are taken last, and Pos classes
+    # never (they rank after the masked ones, so Neg stays disjoint from Pos when fewer than k classes
+    # outside Pos are finite)
+    masked_last = torch.where(t == -math.inf, torch.full_like(t, torch.finfo(t.dtype).max), t)
+    neg_key = torch.where(pos, torch.full_like(t, math.inf), masked_last)
     neg = over.mark(t, over.ranked(neg_key, k, descending=False))
     non = ~(pos | neg)
     return (tdl.pos * _cos_term(s, t, pos, over) + tdl.neg * _cos_term(s, t, neg, over)

@@ -353,6 +353,28 @@ def test_cuda_path_simulated(C, name, dtype, gen):
 
 
 @needs_cpp
+@pytest.mark.parametrize("engine", ["cpu", "sim"])
+def test_topk_sets_with_ties_and_masked_classes(engine, gen):
+    """Integer logits (ties across every set's worst member), masked classes, a constant teacher row; TDL
+    with C = 2k + 1 takes masked classes into Neg before it would take a Pos class (never)."""
+    C = 11
+    s = torch.randint(-3, 4, (5, C), generator=gen).double()
+    t = torch.randint(-2, 3, (5, C), generator=gen).double()
+    s[0, 3] = t[0, 3] = float("-inf")
+    s[1, 5] = t[1, 5] = s[1, 7] = t[1, 7] = float("-inf")
+    t[2] = 1.0
+    y = torch.tensor([0, 1, 2, 4, 6])
+    specs = {"ldrld": kdk.LogitDistill(kd_weight=0.5, relation=kdk.RankRelation(k=4)),
+             "topkd": kdk.LogitDistill(teacher_topk_scale=kdk.TopKScale(k=3), tdl=kdk.TopKDecoupled(k=3)),
+             "tdl_k5": kdk.LogitDistill(tdl=kdk.TopKDecoupled(k=5), ce_weight=0.5)}
+    for name, spec in specs.items():
+        got = run(s, t, y, spec, backend="cpu") if engine == "cpu" else run(s, t, y, spec, launcher=_sim(4))
+        want = run(s, t, y, spec, backend="reference")
+        torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=0, msg=name)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=1e-14, msg=name)
+
+
+@needs_cpp
 @pytest.mark.parametrize("name", ["kd_std", "dtkd", "ldrld_std_tsm", "topkd", "dkd_std_tsm_ce"])
 def test_cuda_path_simulated_warp_sized_block(name, gen):
     """32 lanes over C = 40: most lanes hold one or two columns, top-k heads come from many lanes."""

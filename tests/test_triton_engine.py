@@ -165,6 +165,26 @@ def test_float64_is_exact_streamed(name, gen):
     assert_matches(fused(s, t, y, spec, block_c=16), reference(s, t, y, spec), EXACT, name)
 
 
+@pytest.mark.parametrize("block_c", [None, 4])
+def test_topk_sets_with_ties_and_masked_classes_at_their_bound(block_c, gen):
+    """LDRLD's I, TDL's Pos and Neg and TopKScale's set are found once per row and then tested per column
+    by one compare against the set's worst member (its Bound): ties across that member (integer logits,
+    ties going to the lower column) and masked (−inf) classes must give the reference's sets exactly."""
+    C = 11
+    s = torch.randint(-3, 4, (5, C), generator=gen).double()
+    t = torch.randint(-2, 3, (5, C), generator=gen).double()
+    s[0, 3] = t[0, 3] = float("-inf")      # masked: last in every order (TDL's Neg order too)
+    s[1, 5] = t[1, 5] = s[1, 7] = t[1, 7] = float("-inf")  # two masked classes: a tie at −inf
+    t[2] = 1.0                             # a constant teacher row: every set is decided by the column index
+    y = torch.tensor([0, 1, 2, 4, 6])      # no label on a masked class (CE would be +inf)
+    specs = {"ldrld": kdk.LogitDistill(kd_weight=0.5, relation=kdk.RankRelation(k=4)),
+             "ldrld_teacher": kdk.LogitDistill(kd_weight=0.0, relation=kdk.RankRelation(k=3, rank_by="teacher")),
+             "topkd": kdk.LogitDistill(teacher_topk_scale=kdk.TopKScale(k=3), tdl=kdk.TopKDecoupled(k=3)),
+             "tdl_k5": kdk.LogitDistill(tdl=kdk.TopKDecoupled(k=5), ce_weight=0.5)}  # C = 2k + 1: Non holds one class
+    for name, spec in specs.items():
+        assert_matches(fused(s, t, y, spec, block_c=block_c), reference(s, t, y, spec), EXACT, name)
+
+
 def test_param_tensor_is_cached_and_exact():
     floats = kdk.LogitDistill(temperature=0.1, loss_weight=1 / 3).pack()[0]
     a = E.param_tensor(floats, torch.device("cpu"), torch.float64)
@@ -311,7 +331,7 @@ def test_standardize_constant_rows_have_sigma_exactly_zero(block_c, gen):
     assert loss[0] == 0 and torch.equal(grad[0], torch.zeros_like(grad[0])), (loss, grad[0])
     want = reference(s, t, y, spec)
     assert float((loss.double() - want[0]).abs().max()) <= 1e-4 * float(want[0].abs().max())
-    s1, t1 = s[1].double(), t[1].double()
+    t1 = t[1].double()
     zt = R.standardize(t1[None])[0] / spec.temperature
     kl_uniform = (zt.softmax(-1) * (zt.log_softmax(-1) + math.log(40))).sum() * spec.temperature ** 2
     assert abs(float(loss[1]) - float(kl_uniform)) <= 1e-4 * float(kl_uniform), (loss[1], kl_uniform)

@@ -315,6 +315,8 @@ def _distill_row(ref, offs, y, bad, T, inv_T, g_row, g_scale, row_scale, params_
     # P1, P2: the Transform (standardisation, TopKScale)
     xf, n_s, sigma_s = _row_transform(ref, offs, y, params_ptr, zero, HAS_LABELS, STANDARDIZE, USE_TSM, TSM_K,
                                       K_PAD, BLOCK_C, SINGLE_BLOCK, ACC, SOFTCAP_S, SOFTCAP_T)
+    if SINGLE_BLOCK and (STANDARDIZE or USE_TSM):
+        ref = _cache_transformed_teacher(ref, offs, xf, STANDARDIZE, USE_TSM, TSM_K)
     target = (zero, zero)
     s_raw_y = zero
     if USE_DEC or USE_CE:
@@ -360,19 +362,24 @@ def _distill_row(ref, offs, y, bad, T, inv_T, g_row, g_scale, row_scale, params_
         row_nan = row_nan | rel_bad
         row_ok = row_ok & (~rel_bad)
     tdl_w = tl.load(params_ptr + P_TDL_WEIGHT)
-    pos_idx = pos[1]
-    neg_idx = neg[1]
+    no_bound = (zero + float("inf"), tl.zeros([], tl.int32) - 1)  # no column within it
+    pos_bound = no_bound
+    neg_bound = no_bound
     c_groups = (zero, zero, zero, zero)
     if USE_TDL:
-        pos_idx, neg_idx, tdl_loss, c_groups = _tdl_groups(pos, neg, tdl_w, params_ptr, TDL_K)
+        pos_bound, neg_bound, tdl_loss, c_groups = _tdl_groups(pos, neg, tdl_w, params_ptr, TDL_K)
         loss_row += tdl_loss
+    rel_bound = no_bound
+    if USE_REL:
+        rel_bound = _list_bound(rel[0], rel_idx, rel_idx != BIG_IDX)
 
     # P4: complement states (LDRLD), states at T_s/T_t (DTKD), Non-group sums (TDL)
     inv_Ts = 1.0 / T_s
     inv_Tt = 1.0 / T_t
     lse_sR, lse_tR, lse_sd, lse_td, non = _pass_restricted(
-        ref, offs, xf, inv_T, inv_Ts, inv_Tt, rel_idx, pos_idx, neg_idx, zero, USE_REL, REL_K, USE_TDL,
-        USE_DTKD, STANDARDIZE, USE_TSM, TSM_K, K_PAD, NEG_PAD, BLOCK_C, SINGLE_BLOCK, ACC, SOFTCAP_S, SOFTCAP_T)
+        ref, offs, xf, inv_T, inv_Ts, inv_Tt, (rel_bound, pos_bound, neg_bound), zero, USE_REL,
+        RANK_BY_TEACHER, USE_TDL, USE_DTKD, STANDARDIZE, USE_TSM, TSM_K, BLOCK_C, SINGLE_BLOCK, ACC, SOFTCAP_S,
+        SOFTCAP_T)
     c1_non = zero
     c2_non = zero
     if USE_TDL:
@@ -391,7 +398,7 @@ def _distill_row(ref, offs, y, bad, T, inv_T, g_row, g_scale, row_scale, params_
     dtkd_w = tl.load(params_ptr + P_DTKD_WEIGHT)
     rest_w = tl.load(params_ptr + P_REST_WEIGHT)
     weights = (kd_w, nckd_w, dtkd_w, rest_w)
-    tdl = (pos_idx, neg_idx, c_groups[0], c_groups[1], c_groups[2], c_groups[3], c1_non, c2_non)
+    tdl = (pos_bound, neg_bound, c_groups[0], c_groups[1], c_groups[2], c_groups[3], c1_non, c2_non)
     # the temperature-derivative sums are shifted by the row maxima: Σ(q − p) = 0 and
     # Σ p·(log p − log q − KL) = 0 make any shift exact, and the maxima keep |x − shift| small
     shifts = (tl.where(lse_s[0] == -float("inf"), 0.0, lse_s[0]), tl.where(x_max == -float("inf"), 0.0, x_max))
@@ -529,8 +536,24 @@ def _load_block(ref, cols, xf, STANDARDIZE: tl.constexpr, USE_TSM: tl.constexpr,
     s_row, t_row, C, s_cache, t_cache, cap_s, cap_t = ref
     s_raw = _load_row(s_row, cols, C, s_cache, cap_s, SINGLE_BLOCK, LAST_USE, ACC, SOFTCAP_S)
     t_raw = _load_row(t_row, cols, C, t_cache, cap_t, SINGLE_BLOCK, LAST_USE, ACC, SOFTCAP_T)
-    s, t = _transform(s_raw, t_raw, cols, xf, STANDARDIZE, USE_TSM, TSM_K)
+    T_CACHED: tl.constexpr = SINGLE_BLOCK and (STANDARDIZE or USE_TSM)
+    if T_CACHED:  # the cache holds t̃ already (_cache_transformed_teacher)
+        s, t_again = _transform(s_raw, t_raw, cols, xf, STANDARDIZE, False, TSM_K)
+        t = t_raw
+    else:
+        s, t = _transform(s_raw, t_raw, cols, xf, STANDARDIZE, USE_TSM, TSM_K)
     return s_raw, s, t
+
+
+@triton.jit
+def _cache_transformed_teacher(ref, offs, xf, STANDARDIZE: tl.constexpr, USE_TSM: tl.constexpr,
+                               TSM_K: tl.constexpr):
+    """A single-block row's RowRef with its teacher cache transformed once (t̃: Z, then TopKScale), which
+    :func:`_load_block` then reads as is: the passes after P2 do not re-apply the Transform (TopKScale's
+    k compares and selects per column) each."""
+    s_row, t_row, C, s_cache, t_cache, cap_s, cap_t = ref
+    s_unused, t_tilde = _transform(s_cache, t_cache, offs, xf, STANDARDIZE, USE_TSM, TSM_K)
+    return s_row, t_row, C, s_cache, t_tilde, cap_s, cap_t
 
 
 @triton.jit
@@ -693,7 +716,7 @@ def _pass_row_stats(ref, offs, xf, y, target, inv_T, zero, sup, USE_DEC: tl.cons
         cand = tl.where(cols < ref[2], cols, BIG_IDX)
         if TOPK_MODE == TOPK_DENSE:
             if TOPK_NORM == NORM_TAIL:
-                in_S = _in_support(t, cols, bound)
+                in_S = _within(t, cols, bound)
                 comp_s = lse_update(comp_s, tl.where(in_S, -float("inf"), s), inv_T)
                 comp_t = lse_update(comp_t, tl.where(in_S, -float("inf"), t), inv_T)
             else:
@@ -708,8 +731,7 @@ def _pass_row_stats(ref, offs, xf, y, target, inv_T, zero, sup, USE_DEC: tl.cons
             pos_key, pos_idx, pos_s, pos_t = pos
             pos = topk_merge(pos_key, pos_idx, pos_s, pos_t, t, cand, s, t, K_PAD)
             neg_key, neg_idx, neg_s, neg_t = neg
-            low = tl.where(t == -float("inf"), -float("inf"), -t)  # the smallest first; masked classes last
-            neg = topk_merge(neg_key, neg_idx, neg_s, neg_t, low, cand, s, t, NEG_PAD)
+            neg = topk_merge(neg_key, neg_idx, neg_s, neg_t, _low_key(t), cand, s, t, NEG_PAD)
     if USE_DEC:
         s_y, t_y = target
         lse_s = lse_merge(stats[2], (s_y, 1.0 + zero), inv_T)
@@ -741,21 +763,27 @@ def _log_mass(norm_part, norm_full, inv_t):
 
 
 @triton.jit
-def _support_bound(sup):
-    """The Bound (w_key, w_idx) of a support List: its worst real slot in (key desc, column asc) order."""
-    key, idx, s_k, t_k = sup
-    real = (idx >= 0) & (idx != BIG_IDX)
-    w_key = tl.min(tl.where(real, key, float("inf")), 0)
-    w_idx = tl.max(tl.where(real & (key == w_key), idx, -1), 0)
+def _list_bound(key, idx, member):
+    """The Bound (w_key, w_idx) of a List's ``member`` slots: the worst of them in (key desc, column asc)
+    order; (+inf, −1) when there is none (then no column is within it)."""
+    w_key = tl.min(tl.where(member, key, float("inf")), 0)
+    w_idx = tl.max(tl.where(member & (key == w_key), idx, -1), 0)
     return w_key, w_idx
 
 
 @triton.jit
-def _in_support(t, cols, bound):
-    """Per column: is it in S (the Bound's k best teacher logits; ties to the lower column)? One compare,
-    whatever k."""
+def _support_bound(sup):
+    """The Bound of a support List: its worst real slot."""
+    key, idx, s_k, t_k = sup
+    return _list_bound(key, idx, (idx >= 0) & (idx != BIG_IDX))
+
+
+@triton.jit
+def _within(key, cols, bound):
+    """Per column: is it at or before the Bound in (key desc, column asc) order — for a List holding the k
+    best columns by that key (S, LDRLD's I, TDL's Pos), membership in it, with one compare whatever k."""
     w_key, w_idx = bound
-    return (t > w_key) | ((t == w_key) & (cols <= w_idx))
+    return (key > w_key) | ((key == w_key) & (cols <= w_idx))
 
 
 @triton.jit
@@ -836,8 +864,9 @@ def _dtkd_temperatures(x_max, v_max, T):
 
 @triton.jit
 def _tdl_groups(pos, neg, tdl_w, params_ptr, TDL_K: tl.constexpr):
-    """TDL's Pos and Neg groups from P3's lists (Neg = the k smallest non-Pos of the 2k smallest):
-    (Pos columns, Neg columns, their loss, (c1_pos, c2_pos, c1_neg, c2_neg)); empty slots at BIG_IDX."""
+    """TDL's Pos and Neg groups from P3's lists (Neg = the k smallest non-Pos of the 2k smallest): (the
+    Bound of Pos by t̃, the Bound of Neg by the low key among non-Pos columns — see :func:`_tdl_member` —,
+    their loss, (c1_pos, c2_pos, c1_neg, c2_neg))."""
     pos_key, pos_idx, pos_s, pos_t = pos
     neg_key, neg_idx, neg_s, neg_t = neg
     pos_real = (pos_idx >= 0) & (pos_idx != BIG_IDX)
@@ -852,18 +881,34 @@ def _tdl_groups(pos, neg, tdl_w, params_ptr, TDL_K: tl.constexpr):
     neg_sel = cand_neg & (n_rank < TDL_K)
     dot, nu, nv = _cos_group(neg_s, neg_t, neg_sel)
     l_neg, c1_neg, c2_neg = _cos_coeffs(dot, nu, nv, tdl_w * tl.load(params_ptr + P_TDL_NEG))
-    return pos_idx, tl.where(neg_sel, neg_idx, BIG_IDX), l_pos + l_neg, (c1_pos, c2_pos, c1_neg, c2_neg)
+    return (_list_bound(pos_key, pos_idx, pos_real), _list_bound(neg_key, neg_idx, neg_sel), l_pos + l_neg,
+            (c1_pos, c2_pos, c1_neg, c2_neg))
 
 
 @triton.jit
-def _pass_restricted(ref, offs, xf, inv_T, inv_Ts, inv_Tt, rel_idx, pos_idx, neg_idx, zero,
-                     USE_REL: tl.constexpr, REL_K: tl.constexpr, USE_TDL: tl.constexpr, USE_DTKD: tl.constexpr,
-                     STANDARDIZE: tl.constexpr, USE_TSM: tl.constexpr, TSM_K: tl.constexpr, K_PAD: tl.constexpr,
-                     NEG_PAD: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr,
-                     SOFTCAP_S: tl.constexpr, SOFTCAP_T: tl.constexpr):
-    """P4 (LDRLD, TDL, DTKD). Reads s̃ and t̃ and the top-k columns P3 chose. Produces the LSE states of
-    the complement of LDRLD's set (at T), the states at DTKD's T_s/T_t, and TDL's Non-group sums
-    (dot, ‖u‖², ‖v‖²)."""
+def _low_key(t):
+    """TDL's Neg order key: the smallest teacher logits first, masked (−inf) classes last."""
+    return tl.where(t == -float("inf"), -float("inf"), -t)
+
+
+@triton.jit
+def _tdl_member(t, cols, pos_bound, neg_bound):
+    """Per column: (in Pos, in Neg) — Pos the k best by t̃, Neg the k best by the low key among the rest
+    (the Bounds of :func:`_tdl_groups`): two compares each, whatever k."""
+    in_pos = _within(t, cols, pos_bound)
+    return in_pos, (~in_pos) & _within(_low_key(t), cols, neg_bound)
+
+
+@triton.jit
+def _pass_restricted(ref, offs, xf, inv_T, inv_Ts, inv_Tt, bounds, zero, USE_REL: tl.constexpr,
+                     RANK_BY_TEACHER: tl.constexpr, USE_TDL: tl.constexpr, USE_DTKD: tl.constexpr,
+                     STANDARDIZE: tl.constexpr, USE_TSM: tl.constexpr, TSM_K: tl.constexpr, BLOCK_C: tl.constexpr,
+                     SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr, SOFTCAP_S: tl.constexpr,
+                     SOFTCAP_T: tl.constexpr):
+    """P4 (LDRLD, TDL, DTKD). Reads s̃ and t̃ and the Bounds of the top-k sets P3 chose (``bounds`` =
+    (LDRLD's I, TDL's Pos, TDL's Neg)). Produces the LSE states of the complement of LDRLD's set (at T),
+    the states at DTKD's T_s/T_t, and TDL's Non-group sums (dot, ‖u‖², ‖v‖²)."""
+    rel_bound, pos_bound, neg_bound = bounds
     lse_sR = lse_init(zero)
     lse_tR = lse_init(zero)
     lse_sd = lse_init(zero)
@@ -877,12 +922,15 @@ def _pass_restricted(ref, offs, xf, inv_T, inv_Ts, inv_Tt, rel_idx, pos_idx, neg
             s_raw, s, t = _load_block(ref, cols, xf, STANDARDIZE, USE_TSM, TSM_K, SINGLE_BLOCK, False, ACC,
                                       SOFTCAP_S, SOFTCAP_T)
             if USE_REL:
-                in_I = _lookup(cols, rel_idx, rel_idx, BIG_IDX, REL_K) != BIG_IDX
+                if RANK_BY_TEACHER:
+                    in_I = _within(t, cols, rel_bound)
+                else:
+                    in_I = _within(s, cols, rel_bound)
                 lse_sR = lse_update(lse_sR, tl.where(in_I, -float("inf"), s), inv_T)
                 lse_tR = lse_update(lse_tR, tl.where(in_I, -float("inf"), t), inv_T)
             if USE_TDL:
-                grouped = (_lookup(cols, pos_idx, pos_idx, BIG_IDX, K_PAD) != BIG_IDX) | \
-                          (_lookup(cols, neg_idx, neg_idx, BIG_IDX, NEG_PAD) != BIG_IDX)
+                in_pos, in_neg = _tdl_member(t, cols, pos_bound, neg_bound)
+                grouped = in_pos | in_neg
                 dot_b, nu_b, nv_b = _cos_group(s, t, (cols < ref[2]) & (~grouped))
                 dot_n += dot_b
                 nu_n += nu_b
@@ -933,7 +981,7 @@ def _column_terms(s, t, cols, y, norms, temps, weights, dec, sparse, tdl, shifts
 
     Consumes the finished states ``norms`` = (s, t, s≠y, t≠y, s_R, t_R, s@T_s, t@T_t), ``temps`` =
     (T, 1/T, T_s, T_t, 1/T_s, 1/T_t), ``weights`` = (kd, nckd, dtkd, rest), ``dec`` = (q_y, p_y, α_n),
-    ``sparse`` = (LDRLD columns, their gradient), ``tdl`` = (Pos columns, Neg columns, c1/c2 per group),
+    ``sparse`` = (LDRLD columns, their gradient), ``tdl`` = (Pos Bound, Neg Bound, c1/c2 per group),
     ``shifts`` = (s̃ max, t̃ max), ``llm`` = the LLM record (divergence, dense top-k teacher). Returns (g,
     KL parts of KD (the divergence's d for another divergence; 0 for a top-k teacher, whose D comes
     from registers), NCKD, DTKD, LDRLD rest — per column —, the learnable-T parts a1, a2, a3 and DTKD's
@@ -975,7 +1023,7 @@ def _column_terms(s, t, cols, y, norms, temps, weights, dec, sparse, tdl, shifts
             off = g
             if TOPK_NORM == NORM_TAIL:
                 off = c_tail * tl.exp(log_prob(s, norm_sc, inv_T)) - c_sum * q
-        g += tl.where(kd_ok, tl.where(_in_support(t, cols, (w_key, w_idx)), g_S, off), 0.0)
+        g += tl.where(kd_ok, tl.where(_within(t, cols, (w_key, w_idx)), g_S, off), 0.0)
     elif USE_KD or WANT_DTEMP:
         q, pr, lq, lp, kl_kd = _kl_terms(s, t, norms[0], norms[1], inv_T, inv_T)
         if DIVERGENCE == FORWARD_KL:
@@ -1010,10 +1058,9 @@ def _column_terms(s, t, cols, y, norms, temps, weights, dec, sparse, tdl, shifts
         kl_r = tl.where(in_I, 0.0, kl_r)
         g += tl.where(in_I, g_I, rest_w * T * (q_r - p_r))
     if USE_TDL:
-        pos_idx, neg_idx, c1_pos, c2_pos, c1_neg, c2_neg, c1_non, c2_non = tdl
+        pos_bound, neg_bound, c1_pos, c2_pos, c1_neg, c2_neg, c1_non, c2_non = tdl
         live = (tl.abs(s) < float("inf")) & (tl.abs(t) < float("inf"))
-        in_pos = _lookup(cols, pos_idx, pos_idx, BIG_IDX, K_PAD) != BIG_IDX
-        in_neg = _lookup(cols, neg_idx, neg_idx, BIG_IDX, NEG_PAD) != BIG_IDX
+        in_pos, in_neg = _tdl_member(t, cols, pos_bound, neg_bound)
         c1 = tl.where(in_pos, c1_pos, tl.where(in_neg, c1_neg, c1_non))
         c2 = tl.where(in_pos, c2_pos, tl.where(in_neg, c2_neg, c2_non))
         g += tl.where(live, c2 * s - c1 * t, 0.0)
