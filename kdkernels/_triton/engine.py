@@ -86,7 +86,7 @@ import triton.language as tl
 from ..dispatch import interpreting
 from ..spec import FLOAT_FIELDS, INT_FIELDS, NORMALIZATION_CODES, REDUCTION_CODES, TOPK_MODES, SparseTeacher
 from .divergence import FORWARD_KL, divergence_terms
-from .row_ops import (BIG_IDX, LN2, LOG2E, bernoulli_kl, exp2, log_prob, lse_init, lse_merge, lse_norm, lse_update,
+from .row_ops import (BIG_IDX, LN2, LOG2E, bernoulli_kl, log_prob, lse_init, lse_merge, lse_norm, lse_update,
                       moments_update, pick, ranks, softcap, topk_init, topk_merge)
 
 #: largest row kept in registers (a single pass over memory); longer rows stream in blocks of this size
@@ -963,8 +963,8 @@ def _kl_terms(s, t, norm_s, norm_t, inv_ts, inv_tt):
     else:
         l2q = (s - _finite_or_0(norm_s[0], norm_s[0])) * (inv_ts * LOG2E) - _finite_or_0(norm_s[0], norm_s[1] * LOG2E)
         l2p = (t - _finite_or_0(norm_t[0], norm_t[0])) * (inv_tt * LOG2E) - _finite_or_0(norm_t[0], norm_t[1] * LOG2E)
-        q = exp2(l2q)
-        p = exp2(l2p)
+        q = tl.exp2(l2q)
+        p = tl.exp2(l2p)
         lq = l2q * LN2
         lp = l2p * LN2
         kl = tl.where(p > 0, (p * LN2) * (l2p - l2q), 0.0)

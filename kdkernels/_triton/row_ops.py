@@ -10,12 +10,10 @@
   replaced; ``ranks`` gives each slot its rank in that order (locked slots first);
 * scalar extraction from a small register vector, and the log-space Bernoulli KL of LDRLD's pairs;
 * Gemma's logit softcap ``c·tanh(x/c)``;
-* ``exp2``: the exponentials of the hot loops in base 2, with log2(e) folded into the scale a caller
-  already multiplies by (one FMUL and one MUFU per element on the GPU instead of tl.exp's extra multiply
-  and the denormal range fix-up).
+* ``exp_scaled``: the exponentials of the hot loops in base 2, with log2(e) folded into the scale a
+  caller already multiplies by (tl.exp2: one FMUL and one MUFU.EX2 per element on the GPU, where tl.exp
+  adds a multiply and a range fix-up for denormal results).
 """
-import os
-
 import triton
 import triton.language as tl
 
@@ -24,20 +22,6 @@ BIG_IDX = tl.constexpr(2147483647)
 #: log2(e) and ln(2): exp(x) = exp2(x·LOG2E), log(x) = log2(x)·LN2
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-#: compiled (not interpreted) kernels take 2^x in float32 from one ``ex2.approx.ftz.f32``: results below
-#: 2^-126 (a probability under 1.2e-38) flush to 0, invisible in a float32 sum; the interpreter, which has
-#: no inline assembly, and float64 use tl.exp2
-FAST_EXP2 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
-
-
-@triton.jit
-def exp2(x):
-    """2^x (+inf → +inf, −inf → 0, NaN → NaN)."""
-    if FAST_EXP2 and x.dtype == tl.float32:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
-    else:
-        return tl.exp2(x)
 
 
 @triton.jit
@@ -48,7 +32,7 @@ def exp_scaled(y, scale):
     if y.dtype == tl.float64:
         return tl.exp(y * scale)
     else:
-        return exp2(y * (scale * LOG2E))
+        return tl.exp2(y * (scale * LOG2E))
 
 
 @triton.jit
