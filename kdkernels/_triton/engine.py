@@ -145,8 +145,10 @@ NORM_TEACHER = tl.constexpr(NORMALIZATION_CODES["teacher"])
 #              and the same merge serves row splits and vocabulary shards
 #   Lists      (key, idx, s, t) top-k lists of row_ops (LDRLD ranking, TDL Pos and Neg candidates, the
 #              dense top-k teacher's support S)
-#   Bound      (w_key, w_idx) the worst slot of a full support List: column c is in S iff
-#              t̃_c > w_key or (t̃_c == w_key and c ≤ w_idx) — S is the k best in (key desc, column asc)
+#   Bound      (w_key, w_idx) the worst member of a top-k set held by a List (_list_bound): column c is in
+#              the set iff key_c > w_key or (key_c == w_key and c ≤ w_idx) (_within) — the set is the k best
+#              in (key desc, column asc). S (key t̃), LDRLD's I (s̃ or t̃), TDL's Pos (t̃) and Neg (the low
+#              key, among the columns outside Pos) are tested per column this way: one compare, whatever k
 #   LLM        (div_param, Σqg, w_key, w_idx, norm_p, norm_q, norm_sc, kd_w·T·qg_tail, kd_w·T·Σqg, kd_ok)
 #              the divergence / dense top-k teacher terms of the KD gradient: the Bound of S, the finished
 #              states whose log_prob gives S's outcome log-probabilities (teacher, student: renormalised
@@ -372,6 +374,9 @@ def _distill_row(ref, offs, y, bad, T, inv_T, g_row, g_scale, row_scale, params_
     rel_bound = no_bound
     if USE_REL:
         rel_bound = _list_bound(rel[0], rel_idx, rel_idx != BIG_IDX)
+    # I's gradient is written from its list when the list holds the raw student too (no Z, no softcap)
+    REL_SCATTER: tl.constexpr = USE_REL and not STANDARDIZE and not SOFTCAP_S
+    rel_list = (rel_idx, rel_g, rel_bound, rel[2], rel[3])
 
     # P4: complement states (LDRLD), states at T_s/T_t (DTKD), Non-group sums (TDL)
     inv_Ts = 1.0 / T_s
@@ -407,10 +412,11 @@ def _distill_row(ref, offs, y, bad, T, inv_T, g_row, g_scale, row_scale, params_
     a = (zero, zero, zero)
     b = (zero, zero, zero)
     if NEED_SUMS:
-        kl, zg, a, b, dsum = _pass_sums(ref, offs, xf, y, norms, temps, weights, dec, (rel_idx, rel_g), tdl,
+        kl, zg, a, b, dsum = _pass_sums(ref, offs, xf, y, norms, temps, weights, dec, rel_list, tdl,
                                         shifts, llm, zero, USE_KD, WANT_DTEMP, USE_DEC, USE_DTKD, USE_REL, REL_K,
                                         USE_TDL, STANDARDIZE, USE_TSM, TSM_K, K_PAD, NEG_PAD, BLOCK_C,
-                                        SINGLE_BLOCK, ACC, SOFTCAP_S, SOFTCAP_T, DIVERGENCE, TOPK_MODE, TOPK_NORM)
+                                        SINGLE_BLOCK, ACC, SOFTCAP_S, SOFTCAP_T, DIVERGENCE, TOPK_MODE, TOPK_NORM,
+                                        REL_SCATTER, RANK_BY_TEACHER)
         if DIVERGENCE != FORWARD_KL and TOPK_MODE != TOPK_DENSE:
             # Σqg is now known: P5's g held only kd_w·T·qg, so Z's sums get the −kd_w·T·Σqg·q part here
             # (linear in q: Σ_live q and Σ_live q·s̃ came with P5)
@@ -430,12 +436,13 @@ def _distill_row(ref, offs, y, bad, T, inv_T, g_row, g_scale, row_scale, params_
             if USE_DTKD:
                 sgz += extra * v_max  # the argmax column's extra gradient, z̃_m = v
             gz_coef = tl.where(sigma_s > 0, sgz / (tl.maximum(n_s - 1.0, 1.0) * tl.where(sigma_s > 0, sigma_s, 1.0)), 0.0)
-        kl6 = _pass_gradient(ref, offs, xf, y, g_row, norms, temps, weights, dec, (rel_idx, rel_g), tdl, shifts,
+        kl6 = _pass_gradient(ref, offs, xf, y, g_row, norms, temps, weights, dec, rel_list, tdl, shifts,
                              (g_bar, gz_coef, xf[1], v_arg, extra),
                              (tl.load(params_ptr + P_CE_WEIGHT), lse_norm(lse_raw)), (g_scale, row_ok, row_nan),
                              llm, zero, WRITE_GRAD, NEED_SUMS, USE_KD, WANT_DTEMP, USE_DEC, USE_CE, USE_DTKD,
                              USE_REL, REL_K, USE_TDL, STANDARDIZE, USE_TSM, TSM_K, K_PAD, NEG_PAD, BLOCK_C,
-                             SINGLE_BLOCK, ACC, SOFTCAP_S, SOFTCAP_T, DIVERGENCE, TOPK_MODE, TOPK_NORM)
+                             SINGLE_BLOCK, ACC, SOFTCAP_S, SOFTCAP_T, DIVERGENCE, TOPK_MODE, TOPK_NORM, REL_SCATTER,
+                             RANK_BY_TEACHER)
         if not NEED_SUMS:
             kl = kl6
     if TOPK_MODE == TOPK_DENSE:
@@ -886,6 +893,15 @@ def _tdl_groups(pos, neg, tdl_w, params_ptr, TDL_K: tl.constexpr):
 
 
 @triton.jit
+def _in_rel(s, t, cols, rel_bound, RANK_BY_TEACHER: tl.constexpr):
+    """Per column: is it in LDRLD's set I (the k best by s̃, or by t̃ when ranked by the teacher)?"""
+    if RANK_BY_TEACHER:
+        return _within(t, cols, rel_bound)
+    else:
+        return _within(s, cols, rel_bound)
+
+
+@triton.jit
 def _low_key(t):
     """TDL's Neg order key: the smallest teacher logits first, masked (−inf) classes last."""
     return tl.where(t == -float("inf"), -float("inf"), -t)
@@ -922,10 +938,7 @@ def _pass_restricted(ref, offs, xf, inv_T, inv_Ts, inv_Tt, bounds, zero, USE_REL
             s_raw, s, t = _load_block(ref, cols, xf, STANDARDIZE, USE_TSM, TSM_K, SINGLE_BLOCK, False, ACC,
                                       SOFTCAP_S, SOFTCAP_T)
             if USE_REL:
-                if RANK_BY_TEACHER:
-                    in_I = _within(t, cols, rel_bound)
-                else:
-                    in_I = _within(s, cols, rel_bound)
+                in_I = _in_rel(s, t, cols, rel_bound, RANK_BY_TEACHER)
                 lse_sR = lse_update(lse_sR, tl.where(in_I, -float("inf"), s), inv_T)
                 lse_tR = lse_update(lse_tR, tl.where(in_I, -float("inf"), t), inv_T)
             if USE_TDL:
@@ -976,12 +989,13 @@ def _column_terms(s, t, cols, y, norms, temps, weights, dec, sparse, tdl, shifts
                   USE_KD: tl.constexpr, WANT_DTEMP: tl.constexpr, USE_DEC: tl.constexpr, USE_DTKD: tl.constexpr,
                   USE_REL: tl.constexpr, REL_K: tl.constexpr, USE_TDL: tl.constexpr, K_PAD: tl.constexpr,
                   NEG_PAD: tl.constexpr, ACC: tl.constexpr, DIVERGENCE: tl.constexpr, TOPK_MODE: tl.constexpr,
-                  TOPK_NORM: tl.constexpr):
+                  TOPK_NORM: tl.constexpr, REL_SCATTER: tl.constexpr = False, RANK_BY_TEACHER: tl.constexpr = False):
     """The bulk gradient w.r.t. s̃ of one block (before Z and CE) and its per-column loss parts.
 
     Consumes the finished states ``norms`` = (s, t, s≠y, t≠y, s_R, t_R, s@T_s, t@T_t), ``temps`` =
     (T, 1/T, T_s, T_t, 1/T_s, 1/T_t), ``weights`` = (kd, nckd, dtkd, rest), ``dec`` = (q_y, p_y, α_n),
-    ``sparse`` = (LDRLD columns, their gradient), ``tdl`` = (Pos Bound, Neg Bound, c1/c2 per group),
+    ``sparse`` = (LDRLD columns, their gradient, the Bound of I, s̃ and t̃ of I), ``tdl`` = (Pos Bound, Neg
+    Bound, c1/c2 per group),
     ``shifts`` = (s̃ max, t̃ max), ``llm`` = the LLM record (divergence, dense top-k teacher). Returns (g,
     KL parts of KD (the divergence's d for another divergence; 0 for a top-k teacher, whose D comes
     from registers), NCKD, DTKD, LDRLD rest — per column —, the learnable-T parts a1, a2, a3 and DTKD's
@@ -1051,9 +1065,12 @@ def _column_terms(s, t, cols, y, norms, temps, weights, dec, sparse, tdl, shifts
         b2 = tl.where(p_d > 0, (t - t_hi) * p_d * (lp_d - lq_d), 0.0)
         b3 = tl.where(p_d > 0, (t - t_hi) * p_d, 0.0)
     if USE_REL:
-        rel_idx, rel_g = sparse
-        g_I = _lookup(cols, rel_idx, rel_g, -float("inf"), REL_K)
-        in_I = g_I != -float("inf")
+        if REL_SCATTER:  # I's own gradient is written from its list (_pass_gradient): 0 here
+            in_I = _in_rel(s, t, cols, sparse[2], RANK_BY_TEACHER)
+            g_I = zeros
+        else:
+            g_I = _lookup(cols, sparse[0], sparse[1], -float("inf"), REL_K)
+            in_I = g_I != -float("inf")
         q_r, p_r, lq_r, lp_r, kl_r = _kl_terms(s, t, norms[4], norms[5], inv_T, inv_T)
         kl_r = tl.where(in_I, 0.0, kl_r)
         g += tl.where(in_I, g_I, rest_w * T * (q_r - p_r))
@@ -1086,7 +1103,7 @@ def _pass_sums(ref, offs, xf, y, norms, temps, weights, dec, sparse, tdl, shifts
                USE_TSM: tl.constexpr, TSM_K: tl.constexpr, K_PAD: tl.constexpr, NEG_PAD: tl.constexpr,
                BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr, SOFTCAP_S: tl.constexpr,
                SOFTCAP_T: tl.constexpr, DIVERGENCE: tl.constexpr, TOPK_MODE: tl.constexpr,
-               TOPK_NORM: tl.constexpr):
+               TOPK_NORM: tl.constexpr, REL_SCATTER: tl.constexpr = False, RANK_BY_TEACHER: tl.constexpr = False):
     """P5 (only when the gradient or dtemp needs row sums: standardize, DTKD, learnable T, a divergence
     other than forward KL). Reads s̃, t̃ (backwards: the blocks P4 read last are the likeliest in L2; a
     single-block row from registers). Produces the row's KL sums (KD — the divergence's Σd —, NCKD, DTKD,
@@ -1104,7 +1121,8 @@ def _pass_sums(ref, offs, xf, y, norms, temps, weights, dec, sparse, tdl, shifts
                                   SOFTCAP_T)
         g, kl_c, a_c, b_c, dv = _column_terms(s, t, cols, y, norms, temps, weights, dec, sparse, tdl, shifts, llm,
                                               USE_KD, WANT_DTEMP, USE_DEC, USE_DTKD, USE_REL, REL_K, USE_TDL,
-                                              K_PAD, NEG_PAD, ACC, DIVERGENCE, TOPK_MODE, TOPK_NORM)
+                                              K_PAD, NEG_PAD, ACC, DIVERGENCE, TOPK_MODE, TOPK_NORM, REL_SCATTER,
+                                              RANK_BY_TEACHER)
         kl = (kl[0] + tl.sum(kl_c[0], 0), kl[1] + tl.sum(kl_c[1], 0), kl[2] + tl.sum(kl_c[2], 0),
               kl[3] + tl.sum(kl_c[3], 0))
         if STANDARDIZE:
@@ -1134,12 +1152,15 @@ def _pass_gradient(ref, offs, xf, y, g_row, norms, temps, weights, dec, sparse, 
                    USE_TSM: tl.constexpr, TSM_K: tl.constexpr, K_PAD: tl.constexpr, NEG_PAD: tl.constexpr,
                    BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ACC: tl.constexpr, SOFTCAP_S: tl.constexpr,
                    SOFTCAP_T: tl.constexpr, DIVERGENCE: tl.constexpr, TOPK_MODE: tl.constexpr,
-                   TOPK_NORM: tl.constexpr):
+                   TOPK_NORM: tl.constexpr, REL_SCATTER: tl.constexpr = False,
+                   RANK_BY_TEACHER: tl.constexpr = False):
     """P6. Reads s̃, t̃ (last use). Consumes everything P3–P5 produced plus ``zback`` = (ḡ, Z's second-term
     coefficient, 1/σ', DTKD's argmax column and its extra gradient), ``ce`` = (CE weight, raw-logit
     state finished) and ``row_out`` = (row scale, ok, NaN): writes the gradient; returns the row's KL
     sums when P5 did not run (``SUMS_DONE`` false). Softcap: the gradient w.r.t. the capped logit times
-    1 − tanh² = 1 − (s_capped/cap)² (0 on masked columns)."""
+    1 − tanh² = 1 − (s_capped/cap)² (0 on masked columns). ``REL_SCATTER`` (LDRLD without standardize or
+    a student softcap): the columns of I are skipped here and written from I's list after the loop, the
+    same terms evaluated on its k lanes plus their pair/set gradient — no per-column lookup of k slots."""
     g_bar, gz_coef, inv_s, v_arg, extra = zback
     ce_w, norm_raw = ce
     g_scale, row_ok, row_nan = row_out
@@ -1155,7 +1176,8 @@ def _pass_gradient(ref, offs, xf, y, g_row, norms, temps, weights, dec, sparse, 
                                   SOFTCAP_T)
         g, kl_c, a_c, b_c, dv = _column_terms(s, t, cols, y, norms, temps, weights, dec, sparse, tdl, shifts, llm,
                                               USE_KD, False, USE_DEC, USE_DTKD, USE_REL, REL_K, USE_TDL,
-                                              K_PAD, NEG_PAD, ACC, DIVERGENCE, TOPK_MODE, TOPK_NORM)
+                                              K_PAD, NEG_PAD, ACC, DIVERGENCE, TOPK_MODE, TOPK_NORM, REL_SCATTER,
+                                              RANK_BY_TEACHER)
         if not SUMS_DONE:
             kl = (kl[0] + tl.sum(kl_c[0], 0), kl[1] + tl.sum(kl_c[1], 0), kl[2] + tl.sum(kl_c[2], 0),
                   kl[3] + tl.sum(kl_c[3], 0))
@@ -1171,7 +1193,23 @@ def _pass_gradient(ref, offs, xf, y, g_row, norms, temps, weights, dec, sparse, 
         # NaN rows: NaN; empty rows: 0 (their g may hold −inf − (−inf))
         g = tl.where(row_ok, g * g_scale, tl.where(row_nan, float("nan"), 0.0))
         if WRITE_GRAD:
-            tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=cols < C)
+            keep = cols < C
+            if REL_SCATTER:
+                keep = keep & (~_in_rel(s, t, cols, sparse[2], RANK_BY_TEACHER))
+            tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=keep)
+    if REL_SCATTER and WRITE_GRAD:
+        rel_idx, rel_g, rel_bound, rel_s, rel_t = sparse
+        g, kl_c, a_c, b_c, dv = _column_terms(rel_s, rel_t, rel_idx, y, norms, temps, weights, dec, sparse, tdl,
+                                              shifts, llm, USE_KD, False, USE_DEC, USE_DTKD, USE_REL, REL_K,
+                                              USE_TDL, K_PAD, NEG_PAD, ACC, DIVERGENCE, TOPK_MODE, TOPK_NORM,
+                                              REL_SCATTER, RANK_BY_TEACHER)
+        g += rel_g
+        if USE_DTKD:
+            g = tl.where(rel_idx == v_arg, g + extra, g)
+        if USE_CE:  # no standardize, no student softcap: the raw student is s̃
+            g += ce_w * (tl.exp(log_prob(rel_s, norm_raw, 1.0)) - tl.where(rel_idx == y, 1.0, 0.0))
+        g = tl.where(row_ok, g * g_scale, tl.where(row_nan, float("nan"), 0.0))
+        tl.store(g_row + rel_idx, g.to(g_row.dtype.element_ty), mask=rel_idx != BIG_IDX)
     return kl
 
 
